@@ -1,0 +1,1 @@
+"""The runtime: scheduler, paged KV blocks, sampler, engine, expert parallelism, Ray actors."""

@@ -1,0 +1,1 @@
+"""Ray Serve application, config schema, CLI, HTTP (OpenAI) and gRPC front ends."""

@@ -1,0 +1,70 @@
+"""`moe-serve` command line: tiny checkpoints, serving, benchmarks, gRPC client."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from models.tiny import ARCHS, TinySpec, write_tiny
+
+
+def _add_tiny(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tiny", help="write a small random checkpoint in the hub format")
+    p.add_argument("--arch", required=True, choices=ARCHS)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    defaults = TinySpec()
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "num_experts",
+        "top_k",
+        "max_position_embeddings",
+    ):
+        p.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(defaults, field))
+    p.add_argument("--dtype", default=defaults.dtype, choices=("float32", "bfloat16", "float16"))
+    p.set_defaults(func=_run_tiny)
+
+
+def _run_tiny(args: argparse.Namespace) -> int:
+    fields = {k: getattr(args, k) for k in TinySpec.__dataclass_fields__}
+    out = write_tiny(args.arch, args.out, seed=args.seed, spec=TinySpec(**fields))
+    print(f"wrote {args.arch} checkpoint to {out}")
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="serve the models of a config file (default: the demo)")
+    p.add_argument("--config", help="YAML config file")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    print(
+        "moe-serve run: would serve the built-in demo (tiny olmoe, jetmoe and granitemoe, "
+        "expert_parallel_size 2); the serving layer is not built yet (see the issues).",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_tiny(sub)
+    _add_run(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pure-PyTorch OLMoE, JetMoE and GraniteMoE with a paged-KV flat-batch forward."""

@@ -1,0 +1,138 @@
+"""The decoder skeleton shared by all architectures; each architecture file fills in its parts.
+
+Shapes: T tokens in the flat batch, H hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention import AttentionMetadata, LayerKVCache, paged_attention
+from models.config import ModelConfig
+from models.layers import RMSNorm, RotaryEmbedding, apply_rotary
+from models.moe import MoeBlock
+from models.weights import WeightNameMap
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with optional q/k RMSNorm and q/k/v clipping (OLMoE, Granite)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=bias)
+        if config.is_qk_norm:
+            self.q_norm = RMSNorm(q_size, config.rms_norm_eps)
+            self.k_norm = RMSNorm(kv_size, config.rms_norm_eps)
+        self.config = config
+
+    def forward(
+        self, hidden: torch.Tensor, rope: Rope, meta: AttentionMetadata, cache: LayerKVCache
+    ) -> torch.Tensor:
+        cfg = self.config
+        q, k, v = self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
+        if cfg.is_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (x.clamp(-cfg.clip_qkv, cfg.clip_qkv) for x in (q, k, v))
+        num_tokens = hidden.shape[0]
+        q = apply_rotary(q.view(num_tokens, cfg.num_heads, cfg.head_dim), *rope)
+        k = apply_rotary(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), *rope)
+        v = v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        out = paged_attention(q, k, v, cache, meta, cfg.scale)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: attention then MoE, each added back scaled by the residual multiplier."""
+
+    def __init__(self, config: ModelConfig, self_attn: nn.Module, mlp: MoeBlock) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layer_norm_eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layer_norm_eps)
+        self.mlp = mlp
+        self.residual_multiplier = config.residual_multiplier
+
+    def forward(self, hidden, rope: Rope, meta: AttentionMetadata, cache: LayerKVCache):
+        attn = self.self_attn(self.input_layernorm(hidden), rope, meta, cache)
+        hidden = hidden + attn * self.residual_multiplier
+        moe = self.mlp(self.post_attention_layernorm(hidden))
+        return hidden + moe * self.residual_multiplier
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig, layers: list[DecoderLayer]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MoeForCausalLM(nn.Module):
+    """Base of every architecture: flat-batch forward over a paged KV cache.
+
+    Subclasses set `architecture`, `name_map`, implement `config_from_hf` and
+    `create_attention`. `expert_ids` selects which experts this instance materialises (all by
+    default; none on an attention actor whose experts live in shards).
+    """
+
+    architecture: ClassVar[str]
+    name_map: ClassVar[WeightNameMap]
+
+    def __init__(self, config: ModelConfig, expert_ids: Sequence[int] | None = None) -> None:
+        super().__init__()
+        experts = tuple(range(config.num_experts)) if expert_ids is None else tuple(expert_ids)
+        layers = [
+            DecoderLayer(config, self.create_attention(config), MoeBlock(config, experts))
+            for _ in range(config.num_layers)
+        ]
+        self.model = DecoderModel(config, layers)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.config = config
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+
+    @staticmethod
+    def config_from_hf(hf: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+        raise NotImplementedError
+
+    def create_attention(self, config: ModelConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def moe_blocks(self) -> list[MoeBlock]:
+        return [layer.mlp for layer in self.model.layers]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: Sequence[LayerKVCache],
+    ) -> torch.Tensor:
+        """input_ids, positions [T] -> final-norm hidden states [T, H]; writes the KV cache."""
+        hidden = self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
+        rope = self.rotary.cos_sin(positions, meta.token_seq_lens, hidden.dtype)
+        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
+            hidden = layer(hidden, rope, meta, cache)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> float32 logits [N, V]."""
+        weight = (
+            self.model.embed_tokens.weight
+            if self.config.tie_word_embeddings
+            else self.lm_head.weight
+        )
+        return (F.linear(hidden, weight) / self.config.logits_scaling).float()

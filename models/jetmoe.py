@@ -1,0 +1,143 @@
+"""JetMoE (jetmoe/jetmoe-8b): a mixture of attention heads (MoA) and MLP experts with bias.
+
+MoA: each token's top-k attention experts each project it to `num_kv_heads` query heads
+(head dim `kv_channels`), so a token has k x num_kv_heads query heads over shared keys/values;
+each expert's output projection maps its heads back, weighted by the router. The attention
+experts stay on the attention actor; only MLP experts are dispatched to shards.
+Shapes: T tokens, K top-k, Hkv kv heads, D head dim, H hidden, E experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention import AttentionMetadata, LayerKVCache, paged_attention
+from models.base import MoeForCausalLM, Rope
+from models.config import ModelConfig, read_dtype, read_eos, read_rope
+from models.layers import apply_rotary
+from models.moe import Router, group_by_expert
+from models.weights import ExpertTensor, WeightNameMap
+
+_MLP = r"model\.layers\.(?P<layer>\d+)\.mlp\."
+_TARGET = "model.layers.{layer}.mlp.experts."
+# NOTE: transformers builds JetMoE's decoder-layer norms with their default eps.
+_LAYER_NORM_EPS = 1e-6
+
+
+def grouped_linear(x: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [N, in], expert_ids [N], weight [E, out, in] -> [N, out], one matmul per expert."""
+    order, counts = group_by_expert(expert_ids, weight.shape[0])
+    grouped = x[order]
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            out[order[start : start + count]] = F.linear(
+                grouped[start : start + count], weight[expert]
+            )
+            start += count
+    return out
+
+
+class StackedLinear(nn.Module):
+    """Per-expert weights [E, out, in] (the checkpoint's `input_linear` / `output_linear`)."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+
+
+class AttentionExperts(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        size, experts = config.num_kv_heads * config.head_dim, config.num_attention_experts
+        self.gate = Router(
+            config.hidden_size, experts, config.num_experts_per_tok, "topk_softmax", False
+        )
+        self.input_linear = StackedLinear(experts, config.hidden_size, size)
+        self.output_linear = StackedLinear(experts, size, config.hidden_size)
+        self.bias = nn.Parameter(torch.empty(config.hidden_size))
+
+
+class MixtureOfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.experts = AttentionExperts(config)
+        kv_size = config.num_kv_heads * config.head_dim
+        self.kv_proj = nn.Linear(config.hidden_size, 2 * kv_size, bias=False)
+        self.config = config
+
+    def forward(
+        self, hidden: torch.Tensor, rope: Rope, meta: AttentionMetadata, cache: LayerKVCache
+    ) -> torch.Tensor:
+        cfg, experts = self.config, self.experts
+        num_tokens, top_k = hidden.shape[0], cfg.num_experts_per_tok
+        num_kv, dim = cfg.num_kv_heads, cfg.head_dim
+        topk_ids, topk_weights = experts.gate(hidden)  # [T, K]
+        flat_ids = topk_ids.flatten()  # [T*K]
+        q = grouped_linear(
+            hidden.repeat_interleave(top_k, 0), flat_ids, experts.input_linear.weight
+        )  # [T*K, Hkv*D]
+        k, v = self.kv_proj(hidden).chunk(2, dim=-1)
+        q = apply_rotary(q.view(num_tokens, top_k * num_kv, dim), *rope)
+        k = apply_rotary(k.reshape(num_tokens, num_kv, dim), *rope)
+        v = v.reshape(num_tokens, num_kv, dim)
+        # NOTE: query head (k, j) reads kv head j; regroup as (j, k) for grouped-query attention.
+        q = q.view(num_tokens, top_k, num_kv, dim).transpose(1, 2).reshape(num_tokens, -1, dim)
+        out = paged_attention(q, k, v, cache, meta, cfg.scale)  # [T, Hkv*K, D]
+        out = out.view(num_tokens, num_kv, top_k, dim).transpose(1, 2)  # [T, K, Hkv, D]
+        out = grouped_linear(
+            out.reshape(num_tokens * top_k, -1), flat_ids, experts.output_linear.weight
+        )  # [T*K, H]
+        out = (out.view(num_tokens, top_k, -1) * topk_weights[..., None]).sum(dim=1)
+        return out + experts.bias
+
+
+class JetMoeForCausalLM(MoeForCausalLM):
+    architecture = "JetMoeForCausalLM"
+    name_map = WeightNameMap(
+        renames=((r"\.self_attention\.", ".self_attn."), (r"\.router\.layer\.", ".gate.")),
+        experts=(
+            ExpertTensor(_MLP + r"input_linear\.weight", _TARGET + "gate_up_proj"),
+            ExpertTensor(_MLP + r"output_linear\.weight", _TARGET + "down_proj"),
+        ),
+    )
+
+    @staticmethod
+    def config_from_hf(hf: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+        num_kv_heads = hf.get("num_key_value_heads", 16)
+        top_k = hf.get("num_experts_per_tok", 2)
+        num_experts = hf.get("num_local_experts", 8)
+        max_pos = hf.get("max_position_embeddings", 4096)
+        return ModelConfig(
+            architecture=JetMoeForCausalLM.architecture,
+            vocab_size=hf.get("vocab_size", 32000),
+            hidden_size=hf.get("hidden_size", 2048),
+            num_layers=hf.get("num_hidden_layers", 12),
+            num_heads=num_kv_heads * top_k,
+            num_kv_heads=num_kv_heads,
+            head_dim=hf.get("kv_channels", 128),
+            intermediate_size=hf.get("intermediate_size", 5632),
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+            max_position_embeddings=max_pos,
+            rope=read_rope(hf, max_pos),
+            hidden_act=hf.get("activation_function", "silu"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            layer_norm_eps=_LAYER_NORM_EPS,
+            router_rule="topk_softmax",
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            is_moe_bias=True,
+            num_attention_experts=num_experts,
+            bos_token_id=hf.get("bos_token_id", 1),
+            eos_token_ids=read_eos({"eos_token_id": 2} | hf, generation),
+            pad_token_id=hf.get("pad_token_id"),
+            dtype=read_dtype(hf),
+        )
+
+    def create_attention(self, config: ModelConfig) -> nn.Module:
+        return MixtureOfAttention(config)

@@ -1,0 +1,96 @@
+"""Shared building blocks: RMSNorm, activations, rotary embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import RopeConfig
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in float32, scaled in the input dtype (as transformers does)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding:
+    """cos/sin tables for rotate-half RoPE; plain object so models can be built on `meta`.
+
+    Dynamic NTK scaling follows transformers per sequence: a sequence whose length `L` exceeds
+    the original context rotates this step's tokens with the base recomputed for `L`.
+    """
+
+    def __init__(self, rope: RopeConfig, head_dim: int) -> None:
+        self.rope = rope
+        self.head_dim = head_dim
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def inv_freq(self, seq_len: int | None = None) -> torch.Tensor:
+        rope, dim = self.rope, self.head_dim
+        base = rope.theta
+        if rope.scaling_type == "dynamic" and seq_len and seq_len > rope.original_max_position:
+            ratio = rope.factor * seq_len / rope.original_max_position - (rope.factor - 1)
+            base = base * ratio ** (dim / (dim - 2))
+        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv / rope.factor if rope.scaling_type == "linear" else inv
+
+    def _table(self, length: int, device: torch.device, dtype: torch.dtype):
+        cached = self._cache.get((device, dtype))
+        if cached is None or cached[0].shape[0] < length:
+            size = max(length, 2 * (cached[0].shape[0] if cached else 0), 4096)
+            cos, sin = self._cos_sin(torch.arange(size, dtype=torch.float32), self.inv_freq())
+            cached = (cos.to(device, dtype), sin.to(device, dtype))
+            self._cache[(device, dtype)] = cached
+        return cached
+
+    @staticmethod
+    def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
+        freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def cos_sin(self, positions: torch.Tensor, seq_lens: torch.Tensor | None, dtype: torch.dtype):
+        """positions [T] and each token's sequence length [T] -> cos, sin [T, D] in `dtype`."""
+        cos_t, sin_t = self._table(int(positions.max()) + 1, positions.device, dtype)
+        cos, sin = cos_t[positions], sin_t[positions]
+        if self.rope.scaling_type != "dynamic" or seq_lens is None:
+            return cos, sin
+        for length in seq_lens.unique().tolist():
+            if length <= self.rope.original_max_position:
+                continue
+            rows = (seq_lens == length).nonzero().squeeze(1)
+            c, s = self._cos_sin(positions[rows], self.inv_freq(length))
+            cos[rows], sin[rows] = c.to(dtype), s.to(dtype)
+        return cos, sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D], cos/sin [T, D]."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return x * cos + rotate_half(x) * sin

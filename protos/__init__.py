@@ -1,0 +1,1 @@
+"""The gRPC contract (`moe_serving.proto`) and its generated modules."""
