@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from models.tiny import ARCHS, TinySpec, write_tiny
 
@@ -53,11 +55,54 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 2
 
 
+def _add_workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-requests", type=int, default=48)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--prompt-len", default="8-96", help="uniform range LOW-HIGH (tokens)")
+    p.add_argument("--output-len", default="8-96", help="uniform range LOW-HIGH (tokens)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _workload(args: argparse.Namespace):
+    from deploy.bench.workload import Workload, parse_range
+
+    return Workload(
+        args.num_requests,
+        args.concurrency,
+        parse_range(args.prompt_len),
+        parse_range(args.output_len),
+        args.seed,
+    )
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks, side by side with transformers")
+    kinds = bench.add_subparsers(dest="kind", required=True)
+    engine = kinds.add_parser("engine", help="the engine in-process vs transformers generate")
+    engine.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    engine.add_argument("--dtype", default=None, help="float32, bfloat16 (default: checkpoint)")
+    engine.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    engine.add_argument("--out", type=Path, help="write the JSON report here")
+    _add_workload_args(engine)
+    engine.set_defaults(func=_run_bench_engine)
+
+
+def _run_bench_engine(args: argparse.Namespace) -> int:
+    from deploy.bench.engine_bench import bench_engine
+
+    report = bench_engine(
+        args.checkpoint, _workload(args), args.dtype, not args.no_baseline, args.out
+    )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tiny(sub)
     _add_run(sub)
+    _add_bench(sub)
     return parser
 
 

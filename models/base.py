@@ -9,12 +9,11 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.attention import AttentionMetadata, LayerKVCache, paged_attention
 from models.config import ModelConfig
-from models.layers import RMSNorm, RotaryEmbedding, apply_rotary
+from models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, linear
 from models.moe import MoeBlock
 from models.weights import WeightNameMap
 
@@ -28,10 +27,10 @@ class Attention(nn.Module):
         super().__init__()
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, q_size, bias=bias)
+        self.k_proj = Linear(config.hidden_size, kv_size, bias=bias)
+        self.v_proj = Linear(config.hidden_size, kv_size, bias=bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=bias)
         if config.is_qk_norm:
             self.q_norm = RMSNorm(q_size, config.rms_norm_eps)
             self.k_norm = RMSNorm(kv_size, config.rms_norm_eps)
@@ -100,7 +99,7 @@ class MoeForCausalLM(nn.Module):
         ]
         self.model = DecoderModel(config, layers)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.config = config
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
 
@@ -135,4 +134,4 @@ class MoeForCausalLM(nn.Module):
             if self.config.tie_word_embeddings
             else self.lm_head.weight
         )
-        return (F.linear(hidden, weight) / self.config.logits_scaling).float()
+        return (linear(hidden, weight) / self.config.logits_scaling).float()

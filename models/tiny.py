@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 ARCHS = ("olmoe", "jetmoe", "granitemoe")
+TOKENIZER_VOCAB = 512  # NOTE: a larger model vocabulary is padding, as in real checkpoints
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -206,8 +207,12 @@ def write_tiny(arch: str, out: str | Path, seed: int = 0, spec: TinySpec | None 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = spec or TinySpec()
-    tokenizer = build_tokenizer(spec.vocab_size)
-    spec = replace(spec, vocab_size=tokenizer.get_vocab_size())
+    tokenizer = build_tokenizer(min(spec.vocab_size, TOKENIZER_VOCAB))
+    if spec.vocab_size < tokenizer.get_vocab_size():
+        raise ValueError(
+            f"vocab_size must be at least {tokenizer.get_vocab_size()} (the "
+            f"tokenizer's), got {spec.vocab_size}"
+        )
     eos, pad = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|pad|>")
     config: dict[str, Any] = {
         "vocab_size": spec.vocab_size,

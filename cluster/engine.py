@@ -1,0 +1,242 @@
+"""The replica engine: add requests, step (schedule -> execute -> update), abort.
+
+Synchronous and single-threaded; `AsyncEngine` drives it from a background thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cluster.block_manager import BlockManager
+from cluster.detokenizer import TextStream
+from cluster.outputs import RequestOutput, RequestState
+from cluster.params import RequestError, SamplingParams
+from cluster.runner import ModelRunner, StepLogits, kv_cache_bytes_per_block
+from cluster.sampler import SamplingRow, TokenLogprobs, sample, token_logprobs
+from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from cluster.sequence import Sequence
+from models.base import MoeForCausalLM
+from models.tokenizer import TextTokenizer
+
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Capacity and batching limits of one replica."""
+
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # wins over kv_cache_bytes
+    kv_cache_bytes: int | None = None  # default: DEFAULT_KV_CACHE_BYTES, capped at what
+    # max_num_seqs sequences of max_model_len tokens can use
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
+            raise ValueError("block_size and num_kv_blocks must be positive")
+
+
+def _num_blocks(config: EngineConfig, model: MoeForCausalLM, max_model_len: int) -> int:
+    if config.num_kv_blocks is not None:
+        blocks = config.num_kv_blocks
+    else:
+        dtype = next(p for p in model.parameters() if not p.is_meta).dtype
+        per_block = kv_cache_bytes_per_block(model, config.block_size, dtype)
+        budget = config.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
+        most = config.max_num_seqs * -(-max_model_len // config.block_size)
+        blocks = min(budget // per_block, most)
+    if blocks * config.block_size < max_model_len:
+        raise ValueError(
+            f"KV cache of {blocks} blocks x {config.block_size} cannot hold one "
+            f"sequence of max_model_len={max_model_len} tokens"
+        )
+    return blocks
+
+
+def _random_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+class Engine:
+    def __init__(
+        self, model: MoeForCausalLM, tokenizer: TextTokenizer, config: EngineConfig | None = None
+    ) -> None:
+        config = config or EngineConfig()
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        num_blocks = _num_blocks(config, model, self.max_model_len)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                config.max_num_seqs,
+                max(config.max_num_batched_tokens, config.max_num_seqs),
+                config.enable_chunked_prefill,
+            ),
+            self.blocks,
+        )
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.requests: dict[str, RequestState] = {}
+        self.owner: dict[int, tuple[RequestState, int]] = {}  # seq_id -> (request, index)
+        self.seq_ids = itertools.count()
+        self.eos_ids = frozenset(model.config.eos_token_ids)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Check a request before any work; returns its resolved max_tokens."""
+        vocab = self.model.config.vocab_size
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in (*prompt_ids, *params.stop_token_ids) if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's "
+                f"max_model_len is {self.max_model_len}"
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens "
+                f"({params.max_tokens}) exceeds max_model_len {self.max_model_len}"
+            )
+        return params.max_tokens or room
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request (validated first; raises RequestError)."""
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        max_tokens = self.validate(prompt_ids, params)
+        now = time.monotonic()
+        seqs = [
+            Sequence(next(self.seq_ids), list(prompt_ids), len(prompt_ids), max_tokens, now)
+            for _ in range(params.n)
+        ]
+        device = self.runner.device
+        rows = [
+            SamplingRow(
+                params,
+                seq.token_ids,
+                len(prompt_ids),
+                torch.Generator(device).manual_seed(
+                    _random_seed() if params.seed is None else params.seed + i
+                ),
+            )
+            for i, seq in enumerate(seqs)
+        ]
+        streams = [
+            TextStream(
+                self.tokenizer.tokenizer, prompt_ids, params.stop, params.skip_special_tokens
+            )
+            for _ in seqs
+        ]
+        state = RequestState(request_id, list(prompt_ids), params, seqs, rows, streams)
+        self.requests[request_id] = state
+        for index, seq in enumerate(seqs):
+            self.owner[seq.seq_id] = (state, index)
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its cache blocks; its last output (or None if unknown)."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return None
+        unfinished = {i for i, seq in enumerate(state.seqs) if not seq.is_finished}
+        for i in unfinished:
+            self.scheduler.finish(state.seqs[i], "abort")
+        return self._retire(state, unfinished)
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, run the model, sample, stream out what changed."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        logits = self.runner.execute(out.scheduled, self._prompt_logprob_ids(out))
+        sampling = [item.seq for item in out.scheduled if item.is_sampling]
+        rows = [self.owner[seq.seq_id][0].rows[self.owner[seq.seq_id][1]] for seq in sampling]
+        tokens, logprobs = sample(logits.sampling, rows)
+        self._record_prompt_logprobs(out, logits)
+        self.scheduler.update(out, {s.seq_id: t for s, t in zip(sampling, tokens, strict=True)})
+        changed: dict[str, set[int]] = {}
+        for seq, lp in zip(sampling, logprobs, strict=True):
+            state, index = self.owner[seq.seq_id]
+            self._on_token(state, index, seq, lp)
+            changed.setdefault(state.request_id, set()).add(index)
+        return [self._emit(self.requests[rid], indices) for rid, indices in changed.items()]
+
+    def _on_token(
+        self, state: RequestState, index: int, seq: Sequence, logprobs: TokenLogprobs | None
+    ) -> None:
+        token = seq.token_ids[-1]
+        state.pending_tokens[index].append(token)
+        if logprobs is not None:
+            state.pending_logprobs[index].append(logprobs)
+        is_stop_string = state.streams[index].add(token)
+        params = state.params
+        if (
+            (token in self.eos_ids and not params.ignore_eos)
+            or token in params.stop_token_ids
+            or is_stop_string
+        ):
+            self.scheduler.finish(seq, "stop")
+        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _emit(self, state: RequestState, indices: set[int]) -> RequestOutput:
+        return self._retire(state, indices) if state.is_finished else state.take_output(indices)
+
+    def _retire(self, state: RequestState, indices: set[int]) -> RequestOutput:
+        output = state.take_output(indices)
+        if state.is_finished:
+            del self.requests[state.request_id]
+            for seq in state.seqs:
+                self.owner.pop(seq.seq_id, None)
+        return output
+
+    def _prompt_logprob_ids(self, out: SchedulerOutput) -> set[int]:
+        ids = set()
+        for item in out.scheduled:
+            state, index = self.owner[item.seq.seq_id]
+            if (
+                index == 0
+                and state.params.prompt_logprobs is not None
+                and not state.is_prompt_logprobs_sent
+            ):
+                ids.add(item.seq.seq_id)
+        return ids
+
+    def _record_prompt_logprobs(self, out: SchedulerOutput, logits: StepLogits) -> None:
+        for item in out.scheduled:
+            rows = logits.prompt.get(item.seq.seq_id)
+            if rows is None:
+                continue
+            state = self.owner[item.seq.seq_id][0]
+            logprobs = torch.log_softmax(rows, dim=-1)
+            for j in range(item.num_tokens):
+                position = item.start + j + 1  # NOTE: row j predicts the next position
+                if position < len(state.prompt_ids):
+                    token = torch.tensor(state.prompt_ids[position])
+                    state.prompt_logprobs[position] = token_logprobs(
+                        logprobs[j], token, state.params.prompt_logprobs
+                    )
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_usage": self.blocks.usage,
+            "num_free_blocks": self.blocks.num_free_blocks,
+            "num_blocks": self.blocks.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

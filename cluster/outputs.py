@@ -1,0 +1,91 @@
+"""What the engine streams back per request, and the per-request bookkeeping behind it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.detokenizer import TextStream
+from cluster.params import SamplingParams
+from cluster.sampler import SamplingRow, TokenLogprobs
+from cluster.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class CompletionDelta:
+    """News about one of a request's `n` completions since the previous output."""
+
+    index: int  # which completion (0..n-1)
+    text: str  # new text (a withheld possible stop-string prefix comes later)
+    token_ids: tuple[int, ...]  # new tokens
+    logprobs: tuple[TokenLogprobs, ...]  # one per new token when logprobs were asked
+    finish_reason: str | None  # "stop", "length", "abort" once finished
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One streamed update of a request."""
+
+    request_id: str
+    deltas: tuple[CompletionDelta, ...]
+    num_prompt_tokens: int
+    num_output_tokens: int  # so far, over all completions
+    finished: bool
+    # First output after the prompt is processed, when prompt logprobs were asked:
+    # one entry per prompt token (None for the first token).
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+
+
+@dataclass
+class RequestState:
+    """Everything the engine keeps about a request between steps."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    rows: list[SamplingRow]
+    streams: list[TextStream]
+    pending_tokens: list[list[int]] = field(default_factory=list)
+    pending_logprobs: list[list[TokenLogprobs]] = field(default_factory=list)
+    prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
+    is_prompt_logprobs_sent: bool = False
+
+    def __post_init__(self) -> None:
+        self.pending_tokens = [[] for _ in self.seqs]
+        self.pending_logprobs = [[] for _ in self.seqs]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+    def take_prompt_logprobs(self) -> tuple[TokenLogprobs | None, ...] | None:
+        """All prompt logprobs once they are complete and not yet sent."""
+        wanted = self.params.prompt_logprobs is not None and not self.is_prompt_logprobs_sent
+        if not wanted or len(self.prompt_logprobs) < len(self.prompt_ids) - 1:
+            return None
+        self.is_prompt_logprobs_sent = True
+        return (None, *(self.prompt_logprobs[p] for p in range(1, len(self.prompt_ids))))
+
+    def take_output(self, changed: set[int]) -> RequestOutput:
+        """Deltas of the completions in `changed` (indices), clearing what they carried."""
+        deltas = []
+        for i in sorted(changed):
+            seq, stream = self.seqs[i], self.streams[i]
+            deltas.append(
+                CompletionDelta(
+                    i,
+                    stream.delta(seq.is_finished),
+                    tuple(self.pending_tokens[i]),
+                    tuple(self.pending_logprobs[i]),
+                    seq.finish_reason,
+                )
+            )
+            self.pending_tokens[i], self.pending_logprobs[i] = [], []
+        return RequestOutput(
+            self.request_id,
+            tuple(deltas),
+            len(self.prompt_ids),
+            sum(seq.num_output_tokens for seq in self.seqs),
+            self.is_finished,
+            self.take_prompt_logprobs(),
+        )

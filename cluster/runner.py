@@ -1,0 +1,79 @@
+"""Model runner: flattens a scheduled batch, runs the model over the paged cache, returns the
+logits the sampler needs. Shapes: T tokens this step, S sampling sequences, V vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cluster.scheduler import ScheduledSeq
+from models.attention import AttentionMetadata, LayerKVCache, allocate_kv_cache
+from models.base import MoeForCausalLM
+
+
+@dataclass(frozen=True)
+class StepLogits:
+    """Logits of one step: one row per sampling sequence, and prompt rows where asked."""
+
+    sampling: torch.Tensor  # [S, V] float32, in the order of the sampling sequences
+    prompt: dict[int, torch.Tensor]  # seq_id -> [num_tokens, V] for prompt-logprob chunks
+
+
+def kv_cache_bytes_per_block(model: MoeForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+    cfg = model.config
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+    return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: MoeForCausalLM, num_blocks: int, block_size: int) -> None:
+        cfg = model.config
+        param = next(p for p in model.parameters() if not p.is_meta)
+        self.model, self.block_size, self.device = model, block_size, param.device
+        self.kv_caches: list[LayerKVCache] = allocate_kv_cache(
+            cfg.num_layers,
+            num_blocks,
+            block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            param.dtype,
+            param.device,
+        )
+
+    def _flatten(self, batch: list[ScheduledSeq]):
+        input_ids: list[int] = []
+        positions: list[int] = []
+        for item in batch:
+            stop = item.start + item.num_tokens
+            input_ids.extend(item.seq.token_ids[item.start : stop])
+            positions.extend(range(item.start, stop))
+        meta = AttentionMetadata.build(
+            [item.num_tokens for item in batch],
+            [item.start + item.num_tokens for item in batch],
+            [item.seq.block_ids for item in batch],
+            self.block_size,
+            self.device,
+        )
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        return as_long(input_ids), as_long(positions), meta
+
+    @torch.inference_mode()
+    def execute(
+        self, batch: list[ScheduledSeq], prompt_logprob_ids: set[int] = frozenset()
+    ) -> StepLogits:
+        """Run one step. Rows for prompt logprobs are computed for sequences in
+        `prompt_logprob_ids` while their chunk lies in the prompt."""
+        input_ids, positions, meta = self._flatten(batch)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [T, H]
+        ends, offset = [], 0
+        prompt: dict[int, torch.Tensor] = {}
+        for item in batch:
+            if item.seq.seq_id in prompt_logprob_ids and item.start < item.seq.num_prompt_tokens:
+                rows = hidden[offset : offset + item.num_tokens]
+                prompt[item.seq.seq_id] = self.model.compute_logits(rows)
+            offset += item.num_tokens
+            if item.is_sampling:
+                ends.append(offset - 1)
+        sampling = self.model.compute_logits(hidden[ends])  # [S, V]
+        return StepLogits(sampling, prompt)

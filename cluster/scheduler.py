@@ -1,0 +1,153 @@
+"""Continuous batching: FCFS queues, token/sequence budgets, chunked prefill, preemption.
+
+Each step, running sequences are served first (in arrival order): a decode token, or the next
+chunk of a prompt. A sequence that cannot get a cache block preempts the most recently arrived
+running sequence (its blocks are freed; it is recomputed later, first in line). Then waiting
+sequences are admitted in arrival order while the budgets and free blocks allow.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from cluster.block_manager import BlockManager
+from cluster.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """`num_tokens` tokens of `seq`, from `start`, are computed this step; `is_sampling` when
+    the chunk reaches the end of the known tokens, so that it yields the next token."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    is_sampling: bool
+
+
+def _scheduled(seq: Sequence, num_tokens: int) -> ScheduledSeq:
+    start = seq.num_computed_tokens
+    return ScheduledSeq(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config, self.blocks = config, blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0  # since start
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of `seq` to compute within `budget` (0: not this step)."""
+        if seq.num_uncomputed <= budget:
+            return seq.num_uncomputed
+        return budget if self.config.enable_chunked_prefill else 0
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_tokens = self._chunk(seq, budget)
+            if num_tokens == 0:
+                break
+            if not self._make_room(seq, seq.num_computed_tokens + num_tokens, out):
+                break  # NOTE: seq itself was preempted
+            self.blocks.allocate(seq, seq.num_computed_tokens + num_tokens)
+            out.scheduled.append(_scheduled(seq, num_tokens))
+            budget -= num_tokens
+            index += 1
+        return budget
+
+    def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Preempt the latest arrivals until `seq` fits; False if `seq` had to go itself."""
+        while not self.blocks.can_allocate(seq, num_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            num_tokens = self._chunk(seq, budget)
+            if num_tokens == 0 or not self.blocks.can_allocate(seq, num_tokens):
+                break  # NOTE: FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self.blocks.allocate(seq, num_tokens)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(_scheduled(seq, num_tokens))
+            budget -= num_tokens
+
+    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
+        """Advance computed counts; append each sampling sequence's new token. Returns the
+        sequences that received a token."""
+        grown = []
+        for item in out.scheduled:
+            item.seq.num_computed_tokens = item.start + item.num_tokens
+            if item.is_sampling:
+                item.seq.token_ids.append(sampled[item.seq.seq_id])
+                grown.append(item.seq)
+        return grown
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove `seq` wherever it is and free its blocks (finish, stop or abort)."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason

@@ -1,0 +1,1 @@
+"""`moe-serve bench`: load generators, the transformers baseline, plots and reports."""

@@ -1,0 +1,53 @@
+"""Incremental text: UTF-8 never split, spaces kept, stop strings across token boundaries."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.detokenizer import TextStream
+from models.tokenizer import TextTokenizer
+
+TEXT = "Hello there, café 東京 🙂 ok. Stop here please"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dirs):
+    return TextTokenizer.from_dir(tiny_dirs["olmoe"])
+
+
+def stream_all(tokenizer, ids, stop=()):
+    stream = TextStream(tokenizer.tokenizer, [], stop)
+    pieces = []
+    for token in ids:
+        stopped = stream.add(token)
+        pieces.append(stream.delta(is_final=stopped))
+        if stopped:
+            break
+    else:
+        pieces.append(stream.delta(is_final=True))
+    return pieces, stopped
+
+
+def test_streaming_reassembles_exactly_without_broken_characters(tokenizer):
+    ids = tokenizer.encode(TEXT)
+    multibyte = [t for t in ids if "\ufffd" in tokenizer.decode([t])]
+    assert multibyte, "the text should split some character across tokens"
+    pieces, stopped = stream_all(tokenizer, ids)
+    assert "".join(pieces) == TEXT and not stopped
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+@pytest.mark.parametrize("stop", ["ok. Stop", "k. S", "🙂 o", "please"])
+def test_stop_string_is_cut_and_never_streamed(tokenizer, stop):
+    pieces, stopped = stream_all(tokenizer, tokenizer.encode(TEXT), stop=(stop, "zzz"))
+    assert stopped
+    assert "".join(pieces) == TEXT[: TEXT.index(stop)]
+    streamed = ""
+    for piece in pieces:
+        streamed += piece
+        assert stop not in streamed
+
+
+def test_text_that_only_looked_like_a_stop_string_is_released(tokenizer):
+    pieces, stopped = stream_all(tokenizer, tokenizer.encode(TEXT), stop=("ok!",))
+    assert not stopped and "".join(pieces) == TEXT

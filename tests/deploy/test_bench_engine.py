@@ -1,0 +1,21 @@
+"""`moe-serve bench engine` on a tiny checkpoint: a report with both sides and equal outputs."""
+
+from __future__ import annotations
+
+import json
+
+from deploy.cli import main
+
+
+def test_engine_bench_reports_a_ratio_against_transformers(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    args = "--num-requests 6 --concurrency 3 --prompt-len 2-9 --output-len 3-7".split()
+    code = main(
+        ["bench", "engine", "--checkpoint", str(tiny_dirs["granitemoe"]), *args, "--out", str(out)]
+    )
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report == json.loads(capsys.readouterr().out)
+    assert report["output_tokens"] > 0 and report["engine"]["steps"] >= 7
+    assert report["speedup"] == report["transformers"]["seconds"] / report["engine"]["seconds"]
+    assert report["identical_outputs"] == "6/6"
