@@ -1,92 +1,114 @@
-"""Drives an `Engine` from one background thread; asyncio callers stream their outputs."""
+"""The asyncio front of a replica: streams requests through an engine core one step at a time.
+
+New requests and aborts collected between steps travel with the next `StepInput`; each
+`StepOutput` is routed to the requests' queues. The core is in-process (`LocalCore`, one worker
+thread) or a Ray actor (`cluster.actors.RayCore`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-import queue
-import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
-from cluster.engine import Engine
+from cluster.core import EngineCore, NewRequest, StepInput, StepOutput
 from cluster.outputs import RequestOutput
-from cluster.params import RequestError, SamplingParams
+from cluster.params import RequestError, RequestLimits, SamplingParams
 
 log = logging.getLogger(__name__)
-Sink = Callable[[RequestOutput | BaseException], None]
 
 
 class EngineStepError(RuntimeError):
     """The engine failed while this request was in flight (e.g. an expert shard died)."""
 
 
+class CoreHandle(Protocol):
+    """How the front reaches its engine core."""
+
+    async def step(self, message: StepInput) -> StepOutput: ...
+
+    async def idle(self) -> None: ...
+
+    async def stats(self) -> dict: ...
+
+    async def shutdown(self) -> None: ...
+
+
+class LocalCore:
+    """An in-process core, run on one worker thread (tests, tools). On CPU, prefer the Ray
+    actor: see the note in `cluster/core.py`."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine-core")
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def step(self, message: StepInput) -> StepOutput:
+        return await self._call(self.core.step, message)
+
+    async def idle(self) -> None:
+        await self._call(self.core.idle)
+
+    async def stats(self) -> dict:
+        return await self._call(self.core.stats)
+
+    async def shutdown(self) -> None:
+        await self._call(self.core.shutdown)
+        self.executor.shutdown(wait=False)
+
+
 class AsyncEngine:
-    """The engine's step loop in a thread. `on_idle` runs about every `idle_tick_s` seconds
-    while no request is in flight; `on_failure` runs after a failed step (once the in-flight
-    requests have been failed), e.g. to rebuild expert shards."""
+    """Request streams over a core. Invalid requests raise RequestError before any work; a
+    consumer that stops iterating (or is cancelled) aborts its request."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        idle_tick_s: float = 1.0,
-        on_idle: Callable[[], None] | None = None,
-        on_failure: Callable[[BaseException], None] | None = None,
-    ) -> None:
-        self.engine = engine
-        self.idle_tick_s, self.on_idle, self.on_failure = idle_tick_s, on_idle, on_failure
-        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._sinks: dict[str, Sink] = {}
-        self._wakeup = threading.Event()
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
-
-    def start(self) -> AsyncEngine:
-        self._thread.start()
-        return self
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        self._stopped.set()
-        self._wakeup.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+    def __init__(self, core: CoreHandle, limits: RequestLimits, idle_tick_s: float = 1.0) -> None:
+        self.core, self.limits, self.idle_tick_s = core, limits, idle_tick_s
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._new: list[NewRequest] = []
+        self._aborts: list[str] = []
+        self._has_unfinished = False
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self.error: BaseException | None = None  # set when the core itself died
 
     @property
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
+    def num_in_flight(self) -> int:
+        return len(self._queues)
 
-    def _submit(self, message: tuple[Any, ...]) -> None:
-        self._inbox.put(message)
-        self._wakeup.set()
-
-    def abort(self, request_id: str) -> None:
-        self._submit(("abort", request_id))
+    def _ensure_running(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._wakeup = asyncio.Event()
+            # NOTE: a fresh context: the driver must not inherit the first request's (Ray
+            # cancels every task submitted in a request's context when the request is).
+            self._task = loop.create_task(
+                self._run(), name="engine-driver", context=contextvars.Context()
+            )
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs. Invalid requests raise RequestError before any work;
-        leaving the iteration early (or being cancelled) aborts the request."""
-        if not self.is_alive:
-            raise EngineStepError("the engine loop is not running")
-        self.engine.validate(prompt_ids, params)
+        if self.error is not None:
+            raise EngineStepError(f"the engine core is down: {self.error}")
+        self.limits.check(prompt_ids, params)
+        self._ensure_running()
         request_id = request_id or uuid.uuid4().hex
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._submit(
-            (
-                "add",
-                request_id,
-                list(prompt_ids),
-                params,
-                lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item),
-            )
-        )
+        if request_id in self._queues:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._new.append(NewRequest(request_id, list(prompt_ids), params))
+        self._wakeup.set()
         finished = False
         try:
             while not finished:
-                item = await outputs.get()
+                item = await queue.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -96,71 +118,66 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def _drain(self) -> None:
+    def abort(self, request_id: str) -> None:
+        """Drop a request (no more outputs reach its stream)."""
+        if self._queues.pop(request_id, None) is None:
+            return
+        pending = [r for r in self._new if r.request_id != request_id]
+        if len(pending) == len(self._new):
+            self._aborts.append(request_id)
+            self._wakeup.set()
+        self._new = pending
+
+    async def _run(self) -> None:
         while True:
+            if not (self._new or self._aborts or self._has_unfinished):
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), self.idle_tick_s)
+                except TimeoutError:
+                    await self._call_idle()
+                self._wakeup.clear()
+                continue
+            message = StepInput(self._new, self._aborts)
+            self._new, self._aborts = [], []
             try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
+                result = await self.core.step(message)
+            except Exception as exc:  # NOTE: the core (actor) itself failed
+                log.exception("engine core step failed")
+                self.error = exc
+                self._fail_all(EngineStepError(f"the engine core failed: {exc}"))
                 return
-            if message[0] == "add":
-                self._add(*message[1:])
-            else:
-                sink = self._sinks.pop(message[1], None)
-                output = self.engine.abort(message[1])
-                if sink and output:
-                    sink(output)
+            self._route(result)
 
-    def _add(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink
-    ) -> None:
+    async def _call_idle(self) -> None:
         try:
-            self.engine.add_request(request_id, prompt_ids, params)
-        except RequestError as exc:
-            sink(exc)
-            return
-        self._sinks[request_id] = sink
+            await self.core.idle()
+        except Exception as exc:
+            log.exception("engine core idle call failed")
+            self.error = exc
 
-    def _loop(self) -> None:
-        while not self._stopped.is_set():
-            self._drain()
-            try:
-                if self.engine.has_unfinished:
-                    self._step()
-                else:
-                    self._wakeup.wait(self.idle_tick_s)
-                    self._wakeup.clear()
-                    if self.on_idle and not self.engine.has_unfinished and self._inbox.empty():
-                        self.on_idle()
-            except Exception as exc:  # NOTE: fail what is in flight, then let the owner recover
-                log.exception("engine step failed")
-                self._fail_all(exc)
-                self._recover(exc)
-        self._fail_all(EngineStepError("the engine was shut down"))
-        while not self._inbox.empty():
-            message = self._inbox.get_nowait()
-            if message[0] == "add":
-                message[-1](EngineStepError("the engine was shut down"))
+    def _route(self, result: StepOutput) -> None:
+        self._has_unfinished = result.has_unfinished
+        for output in result.outputs:
+            queue = self._queues.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)
+                if output.finished:
+                    del self._queues[output.request_id]
+        for errors, kind in ((result.rejected, RequestError), (result.failed, EngineStepError)):
+            for request_id, message in errors.items():
+                queue = self._queues.pop(request_id, None)
+                if queue is not None:
+                    queue.put_nowait(kind(message))
 
-    def _recover(self, exc: BaseException) -> None:
-        if self.on_failure is None:
-            return
-        try:
-            self.on_failure(exc)
-        except Exception:
-            log.exception("recovery after a failed step failed; the next step will retry")
+    def _fail_all(self, error: BaseException) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(error)
+        self._queues.clear()
+        self._new, self._aborts, self._has_unfinished = [], [], False
 
-    def _step(self) -> None:
-        for output in self.engine.step():
-            sink = self._sinks.get(output.request_id)
-            if output.finished:
-                self._sinks.pop(output.request_id, None)
-            if sink:
-                sink(output)
-
-    def _fail_all(self, exc: BaseException) -> None:
-        error = exc if isinstance(exc, EngineStepError) else EngineStepError(str(exc))
-        for request_id in list(self.engine.requests):
-            self.engine.abort(request_id)
-        for sink in self._sinks.values():
-            sink(error)
-        self._sinks.clear()
+    async def shutdown(self) -> None:
+        """Fail what is in flight, stop the driver, shut the core down."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._fail_all(EngineStepError("the engine is shutting down"))
+        await self.core.shutdown()

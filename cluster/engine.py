@@ -15,7 +15,7 @@ import torch
 from cluster.block_manager import BlockManager
 from cluster.detokenizer import TextStream
 from cluster.outputs import RequestOutput, RequestState
-from cluster.params import RequestError, SamplingParams
+from cluster.params import RequestError, RequestLimits, SamplingParams
 from cluster.runner import ModelRunner, StepLogits, kv_cache_bytes_per_block
 from cluster.sampler import SamplingRow, TokenLogprobs, sample, token_logprobs
 from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -87,6 +87,8 @@ class Engine:
         self.owner: dict[int, tuple[RequestState, int]] = {}  # seq_id -> (request, index)
         self.seq_ids = itertools.count()
         self.eos_ids = frozenset(model.config.eos_token_ids)
+        self.limits = RequestLimits(model.config.vocab_size, self.max_model_len)
+        self.num_steps = 0
 
     @property
     def has_unfinished(self) -> bool:
@@ -94,24 +96,7 @@ class Engine:
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Check a request before any work; returns its resolved max_tokens."""
-        vocab = self.model.config.vocab_size
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
-        bad = [t for t in (*prompt_ids, *params.stop_token_ids) if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        room = self.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise RequestError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's "
-                f"max_model_len is {self.max_model_len}"
-            )
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise RequestError(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens "
-                f"({params.max_tokens}) exceeds max_model_len {self.max_model_len}"
-            )
-        return params.max_tokens or room
+        return self.limits.check(prompt_ids, params)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request (validated first; raises RequestError)."""
@@ -162,6 +147,7 @@ class Engine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        self.num_steps += 1
         logits = self.runner.execute(out.scheduled, self._prompt_logprob_ids(out))
         sampling = [item.seq for item in out.scheduled if item.is_sampling]
         rows = [self.owner[seq.seq_id][0].rows[self.owner[seq.seq_id][1]] for seq in sampling]
@@ -239,4 +225,5 @@ class Engine:
             "num_free_blocks": self.blocks.num_free_blocks,
             "num_blocks": self.blocks.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_steps": self.num_steps,
         }

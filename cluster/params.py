@@ -69,3 +69,33 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.repetition_penalty != 1.0
         )
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a model accepts; checked before any work (also by front ends, for fast errors)."""
+
+    vocab_size: int
+    max_model_len: int
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Raise RequestError for an unservable request; returns its resolved max_tokens."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in (*prompt_ids, *params.stop_token_ids) if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's "
+                f"max_model_len is {self.max_model_len}"
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens "
+                f"({params.max_tokens}) exceeds max_model_len {self.max_model_len}"
+            )
+        return params.max_tokens or room

@@ -12,3 +12,13 @@ def tiny_dirs(tmp_path_factory):
     """arch -> directory of a deterministic tiny checkpoint (hub format)."""
     root = tmp_path_factory.mktemp("tiny")
     return {arch: write_tiny(arch, root / arch, seed=1) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole session (logical CPUs: shards ask for fractions)."""
+    import ray
+
+    ray.init(num_cpus=16, include_dashboard=False, logging_level="warning", configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,190 @@
+"""Thin Ray shells: the expert shard actor and the launcher that places one per bundle/GPU."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+import torch
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.core import EngineCore, ReplicaConfig, StepInput, StepOutput
+from cluster.launchers import ShardLauncher, ShardSpec
+from cluster.params import RequestLimits
+from cluster.shard import ExpertShard
+from cluster.transport import CollectiveTransport, local_ip
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote
+class ExpertShardActor:
+    """One expert shard in its own process (its own GPU on CUDA)."""
+
+    def __init__(self, spec: ShardSpec, expert_ids: tuple[int, ...], num_threads: int) -> None:
+        if spec.device == "cpu":
+            torch.set_num_threads(num_threads)
+        device = "cuda:0" if spec.device == "cuda" else "cpu"  # NOTE: Ray sets CUDA_VISIBLE_DEVICES
+        self.spec = spec
+        self.shard = ExpertShard(spec.checkpoint, expert_ids, spec.dtype, device)
+
+    def ready(self) -> dict:
+        """After loading: the process id and the parameters held (only this shard's experts)."""
+        return {"pid": os.getpid(), "parameters": self.shard.parameter_summary()}
+
+    def serve(self, host: str, port: int, rank: int, world_size: int) -> int:
+        """Join rank 0's group and serve until STOP; returns the steps served."""
+        transport = CollectiveTransport.join(
+            host, port, rank, world_size, self.shard.device, self.spec.timeout_s, local_ip()
+        )
+        return self.shard.serve(transport)
+
+
+def _wait_ready(actors: list, timeout_s: float, options: dict) -> list[dict]:
+    """Each shard's `ready()`, warning while some cannot be placed or are still loading."""
+    refs = [actor.ready.remote() for actor in actors]
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=30.0)
+        if pending and time.monotonic() > deadline:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            raise TimeoutError(
+                f"{len(pending)} of {len(refs)} expert shards were not ready after "
+                f"{timeout_s:.0f}s (each asks for {options['num_cpus']} CPU, "
+                f"{options['num_gpus']} GPU): not enough resources, or loading "
+                "is too slow"
+            )
+        if pending:
+            log.warning(
+                "%d of %d expert shards not ready yet (placement or loading)",
+                len(pending),
+                len(refs),
+            )
+    return ray.get(refs)
+
+
+class RayShardLauncher(ShardLauncher):
+    """Shards as Ray actors. Inside a placement group (a Serve replica's gang), shard i takes
+    bundle `i + 1` (bundle 0 is the attention actor); otherwise Ray places them freely."""
+
+    def __init__(self, num_cpus: float = 1.0, num_gpus: float = 0.0, num_threads: int = 1) -> None:
+        self.num_cpus, self.num_gpus, self.num_threads = num_cpus, num_gpus, num_threads
+        self.actors: list = []
+        self.serving: list = []
+        self.summaries: list[dict] = []
+        self.pids: list[int] = []
+
+    def _options(self, index: int) -> dict:
+        options = {
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+            "name": None,
+            "max_restarts": 0,
+        }
+        group = get_current_placement_group()
+        if group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=index + 1
+            )
+        return options
+
+    def start(self, spec, shard_expert_ids, host, port):
+        self.actors = [
+            ExpertShardActor.options(**self._options(i)).remote(spec, ids, self.num_threads)
+            for i, ids in enumerate(shard_expert_ids)
+        ]
+        ready = _wait_ready(self.actors, spec.load_timeout_s, self._options(0))
+        self.summaries = [r["parameters"] for r in ready]
+        self.pids = [r["pid"] for r in ready]
+        world_size = len(self.actors) + 1
+        self.serving = [
+            actor.serve.remote(host, port, rank, world_size)
+            for rank, actor in enumerate(self.actors, start=1)
+        ]
+
+    def stop(self):
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors, self.serving = [], []
+
+    def parameter_summaries(self):
+        return list(self.summaries)
+
+
+@ray.remote(max_restarts=0)
+class EngineActor:
+    """The router/attention actor of a replica: an EngineCore on this process's main thread
+    (a single-threaded actor), owning its expert shard actors (they die with it)."""
+
+    def __init__(
+        self,
+        config: ReplicaConfig,
+        shard_options: dict | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        # NOTE: Ray sets OMP_NUM_THREADS to the actor's (often fractional -> 1) CPU count and
+        # runs workers at nice 15. Default: all cores but one, which the front, raylet and
+        # shards need; measured on 2 cores, 2 threads here made steps 1.8x slower than 1.
+        torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) - 1))
+        self.config, self.shard_options = config, shard_options or {}
+        self.core: EngineCore | None = None
+
+    def start(self) -> RequestLimits:
+        """Load the model, start the shards; returns what requests may ask for.
+        NOTE: not in __init__: blocking on child actors there has hung under load."""
+        launcher = (
+            RayShardLauncher(**self.shard_options) if self.config.expert_parallel_size > 1 else None
+        )
+        self.core = EngineCore(self.config, launcher)
+        return self.core.engine.limits
+
+    def step(self, message: StepInput) -> StepOutput:
+        return self.core.step(message)
+
+    def idle(self) -> None:
+        self.core.idle()
+
+    def stats(self) -> dict:
+        return self.core.stats()
+
+    def parameter_summaries(self) -> list[dict]:
+        """Per shard: its parameters and shapes (tests and debugging)."""
+        return self.core.launcher.parameter_summaries() if self.core.dispatcher else []
+
+    def shard_pids(self) -> list[int]:
+        return list(self.core.launcher.pids) if self.core.dispatcher else []
+
+    def shard_handles(self) -> list:
+        """The shard actors (tests: `ray.kill` one to see the replica recover)."""
+        return list(self.core.launcher.actors) if self.core.dispatcher else []
+
+    def shutdown(self) -> None:
+        if self.core is not None:
+            self.core.shutdown()
+
+
+class RayCore:
+    """The front's handle on an EngineActor."""
+
+    def __init__(self, actor) -> None:
+        self.actor = actor
+
+    async def step(self, message: StepInput) -> StepOutput:
+        return await self.actor.step.remote(message)
+
+    async def idle(self) -> None:
+        await self.actor.idle.remote()
+
+    async def stats(self) -> dict:
+        return await self.actor.stats.remote()
+
+    async def shutdown(self) -> None:
+        try:
+            await self.actor.shutdown.remote()
+        finally:
+            ray.kill(self.actor, no_restart=True)

@@ -1,0 +1,143 @@
+"""The attention rank's side of expert parallelism: an experts executor per MoE layer that
+dispatches tokens to the shards over the transport (protocol in `cluster/shard.py`).
+
+Shapes: T tokens, K top-k, H hidden, E experts, N shards.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from cluster.placement import ExpertPlacement
+from cluster.shard import Command, pack_rows
+from cluster.transport import CollectiveTransport, TransportError
+from models.base import MoeForCausalLM
+from models.moe import BaseExperts
+
+
+class ShardFailure(RuntimeError):
+    """An expert shard of this replica died, hung or could not be reached."""
+
+
+class DispatchStats:
+    """Per-layer, per-expert routed token counts and bytes moved (read from any thread)."""
+
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        self.expert_tokens = torch.zeros(num_layers, num_experts, dtype=torch.long)
+        self.bytes_sent = self.bytes_received = self.min_bytes = self.num_steps = 0
+        self.lock = threading.Lock()
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {
+                "expert_tokens": self.expert_tokens.tolist(),
+                "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received,
+                "min_bytes": self.min_bytes,
+                "num_steps": self.num_steps,
+            }
+
+
+class Dispatcher:
+    """Sends each step's header and each layer's tokens; swapped onto a new transport when the
+    replica rebuilds its shards."""
+
+    def __init__(self, placement: ExpertPlacement, model: MoeForCausalLM) -> None:
+        cfg = model.config
+        self.placement, self.top_k, self.hidden_size = (
+            placement,
+            cfg.num_experts_per_tok,
+            cfg.hidden_size,
+        )
+        self.shard_of = torch.tensor(placement.shard_of, dtype=torch.long)
+        self.stats = DispatchStats(cfg.num_layers, cfg.num_experts)
+        self.transport: CollectiveTransport | None = None
+
+    def attach(self, transport: CollectiveTransport) -> None:
+        self.transport = transport
+        self.shard_of = self.shard_of.to(transport.device)
+
+    def _send_header(self, command: Command) -> None:
+        if self.transport is None:
+            raise ShardFailure(
+                "the expert shards of this replica are not connected (a rebuild is pending)"
+            )
+        header = torch.tensor([int(command)], dtype=torch.long, device=self.transport.device)
+        self.transport.broadcast(header)
+
+    def ping(self) -> None:
+        try:
+            self._send_header(Command.PING)
+        except TransportError as exc:
+            raise ShardFailure(f"an idle expert shard stopped answering ({exc})") from exc
+
+    def stop(self) -> None:
+        self._send_header(Command.STOP)
+
+    def dispatch(
+        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden [T, H], topk_ids/weights [T, K] -> the experts' weighted sum [T, H]."""
+        try:
+            return self._dispatch(layer, hidden, topk_ids, topk_weights)
+        except TransportError as exc:
+            raise ShardFailure(
+                f"an expert shard of this replica failed or timed out; the "
+                f"replica is restarting its shards ({exc})"
+            ) from exc
+
+    def _dispatch(self, layer, hidden, topk_ids, topk_weights):
+        if layer == 0:  # NOTE: the first MoE layer of a forward opens the step
+            self._send_header(Command.STEP)
+        transport = self.transport
+        shard_of = self.shard_of[topk_ids]  # [T, K]
+        token_ids = [
+            (shard_of == s).any(dim=1).nonzero().squeeze(1)
+            for s in range(self.placement.num_shards)
+        ]  # tokens per shard, once each
+        counts = [0] + [int(t.numel()) for t in token_ids]  # NOTE: rank 0 keeps none
+        transport.exchange_counts(counts)
+        order = torch.cat(token_ids)  # [sum n_s]
+        rows = pack_rows(hidden[order], topk_ids[order], topk_weights[order])
+        transport.all_to_all(rows, counts, [0] * transport.world_size)
+        results = transport.all_to_all(hidden[:0], [0] * transport.world_size, counts)
+        self._count(layer, topk_ids, shard_of, order.numel(), hidden)
+        return torch.zeros_like(hidden).index_add_(0, order, results)
+
+    def _count(
+        self,
+        layer: int,
+        topk_ids: torch.Tensor,
+        shard_of: torch.Tensor,
+        rows: int,
+        hidden: torch.Tensor,
+    ) -> None:
+        row_bytes = self.hidden_size * hidden.element_size()
+        routed = torch.bincount(topk_ids.flatten(), minlength=self.stats.expert_tokens.shape[1])
+        with self.stats.lock:
+            self.stats.expert_tokens[layer] += routed.cpu()
+            self.stats.bytes_sent += rows * (row_bytes + 2 * self.top_k * 4)
+            self.stats.bytes_received += rows * row_bytes
+            self.stats.min_bytes += (
+                2 * rows * row_bytes
+            )  # NOTE: tokens x distinct shards, both ways
+            self.stats.num_steps += layer == 0
+
+
+class ExpertParallelExecutor(BaseExperts):
+    """The experts of one MoE layer, living on the shards."""
+
+    def __init__(self, dispatcher: Dispatcher, layer: int) -> None:
+        super().__init__()
+        self.dispatcher, self.layer = dispatcher, layer
+
+    def forward(self, hidden, topk_ids, topk_weights):
+        return self.dispatcher.dispatch(self.layer, hidden, topk_ids, topk_weights)
+
+
+def install_expert_parallel(model: MoeForCausalLM, dispatcher: Dispatcher) -> None:
+    """Replace every MoE layer's experts with the expert-parallel executor."""
+    for layer, block in enumerate(model.moe_blocks()):
+        block.experts = ExpertParallelExecutor(dispatcher, layer)

@@ -1,0 +1,40 @@
+"""Assembling a replica: the asyncio front over an engine core, in-process or as a Ray actor."""
+
+from __future__ import annotations
+
+import ray
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.actors import EngineActor, RayCore
+from cluster.async_engine import AsyncEngine, LocalCore
+from cluster.core import EngineCore, ReplicaConfig
+from cluster.launchers import ShardLauncher
+
+
+def create_local_replica(
+    config: ReplicaConfig, launcher: ShardLauncher | None = None
+) -> tuple[AsyncEngine, EngineCore]:
+    """Front and core in this process (the core on one worker thread)."""
+    core = EngineCore(config, launcher)
+    return AsyncEngine(LocalCore(core), core.engine.limits, config.idle_ping_s), core
+
+
+def create_ray_replica(
+    config: ReplicaConfig,
+    engine_options: dict | None = None,
+    shard_options: dict | None = None,
+    engine_threads: int | None = None,
+) -> tuple[AsyncEngine, object]:
+    """Front here, core in an EngineActor. Inside a placement group (a Serve replica's gang)
+    the engine actor takes bundle 0 and shard i bundle i + 1. `engine_threads`: torch threads
+    of the engine actor (default: the node's cores)."""
+    options = dict(engine_options or {})
+    group = get_current_placement_group()
+    if group is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=0
+        )
+    actor = EngineActor.options(**options).remote(config, shard_options, engine_threads)
+    limits = ray.get(actor.start.remote())  # NOTE: surfaces load errors here
+    return AsyncEngine(RayCore(actor), limits, config.idle_ping_s), actor

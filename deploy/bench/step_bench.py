@@ -1,0 +1,78 @@
+"""`moe-serve bench step`: decode step time against batch size for several EP sizes, and
+the bytes dispatched per step against the minimum (tokens x distinct shards x H x bytes,
+each way). Shards are Ray actors (Ray starts locally if needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import ray
+
+from cluster.async_engine import AsyncEngine
+from cluster.core import ReplicaConfig
+from cluster.engine import EngineConfig
+from cluster.params import SamplingParams
+from cluster.replica import create_ray_replica
+
+
+async def _decode_window(front: AsyncEngine, batch: int, output_tokens: int):
+    """Seconds and engine steps from the moment every request has its first token to the end,
+    and the dispatch counters over that window."""
+    started: set[int] = set()
+    marks: dict = {}
+
+    async def one(index: int) -> None:
+        params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
+        async for _ in front.generate([1 + index % 50] * 8, params):
+            if index not in started:
+                started.add(index)
+                if len(started) == batch:
+                    marks["start"], marks["stats"] = time.perf_counter(), await front.core.stats()
+
+    await asyncio.gather(*(one(i) for i in range(batch)))
+    seconds = time.perf_counter() - marks["start"]
+    return seconds, marks["stats"], await front.core.stats()
+
+
+def _row(ep: int, batch: int, seconds: float, before: dict, after: dict) -> dict:
+    steps = max(after["num_steps"] - before["num_steps"], 1)
+    moved = minimum = 0
+    if "dispatch" in after:
+        b, a = before["dispatch"], after["dispatch"]
+        moved = a["bytes_sent"] + a["bytes_received"] - b["bytes_sent"] - b["bytes_received"]
+        minimum = a["min_bytes"] - b["min_bytes"]
+    return {
+        "ep": ep,
+        "batch": batch,
+        "ms_per_step": 1000 * seconds / steps,
+        "bytes_per_step": moved / steps,
+        "min_bytes_per_step": minimum / steps,
+    }
+
+
+def measure(
+    checkpoint: str,
+    ep: int,
+    batches: list[int],
+    output_tokens: int,
+    dtype: str | None,
+    num_cpus_per_shard: float,
+) -> list[dict]:
+    """Rows of {ep, batch, ms_per_step, bytes_per_step, min_bytes_per_step}."""
+    if not ray.is_initialized():  # NOTE: logical CPUs: every shard gets a process on any box
+        ray.init(num_cpus=max(16, 2 + ep), include_dashboard=False, logging_level="warning")
+    engine = EngineConfig(max_model_len=8 + output_tokens, max_num_seqs=max(batches))
+    config = ReplicaConfig(checkpoint, dtype=dtype, expert_parallel_size=ep, engine=engine)
+
+    async def run() -> list[dict]:
+        front, _ = create_ray_replica(config, {"num_cpus": 1}, {"num_cpus": num_cpus_per_shard})
+        try:
+            return [
+                _row(ep, batch, *await _decode_window(front, batch, output_tokens))
+                for batch in batches
+            ]
+        finally:
+            await front.shutdown()
+
+    return asyncio.run(run())

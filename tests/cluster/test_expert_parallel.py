@@ -1,0 +1,203 @@
+"""Expert parallelism on real Ray actors over gloo: parity with EP=1, ownership, failures.
+
+Each replica is what serving runs: an EngineActor (router/attention) owning its shard actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+
+from cluster.async_engine import EngineStepError
+from cluster.core import ReplicaConfig
+from cluster.engine import EngineConfig
+from cluster.launchers import ThreadShardLauncher
+from cluster.params import SamplingParams
+from cluster.replica import create_local_replica, create_ray_replica
+from models.tiny import ARCHS
+
+pytestmark = pytest.mark.slow
+ENGINE = EngineConfig(max_model_len=512, block_size=8)
+SHARDS = {"num_cpus": 0.5}
+
+
+def prompts(num: int = 8, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(500) for _ in range(rng.randint(1, 40))] for _ in range(num)]
+
+
+async def generate_all(front, batch, max_tokens: int = 24):
+    async def one(prompt):
+        tokens = []
+        async for out in front.generate(
+            prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        ):
+            tokens.extend(out.deltas[0].token_ids)
+        return tokens
+
+    return await asyncio.gather(*(one(p) for p in batch), return_exceptions=True)
+
+
+def run_ray_replica(config: ReplicaConfig, scenario):
+    """Start a Ray replica, run `scenario(front, actor)` in one event loop, shut down."""
+
+    async def main():
+        front, actor = create_ray_replica(config, {"num_cpus": 0.5}, SHARDS)
+        try:
+            return await scenario(front, actor)
+        finally:
+            await front.shutdown()
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def reference(request, tiny_dirs):
+    path = str(tiny_dirs[request.param])
+    front, _ = create_local_replica(ReplicaConfig(path, engine=ENGINE))
+
+    async def main():
+        try:
+            return await generate_all(front, prompts())
+        finally:
+            await front.shutdown()
+
+    return path, asyncio.run(main())
+
+
+@pytest.mark.parametrize("ep", [2, 3])
+def test_expert_parallel_greedy_equals_ep1(reference, ray_cluster, ep):
+    path, expected = reference
+    config = ReplicaConfig(path, expert_parallel_size=ep, engine=ENGINE, collective_timeout_s=20)
+
+    async def scenario(front, actor):
+        return await generate_all(front, prompts()), await actor.stats.remote()
+
+    outputs, stats = run_ray_replica(config, scenario)
+    assert outputs == expected
+    dispatch = stats["dispatch"]
+    assert torch.tensor(dispatch["expert_tokens"]).sum() > 0 and dispatch["num_steps"] > 0
+    assert dispatch["bytes_received"] * 2 == dispatch["min_bytes"]  # results: the minimum
+    assert stats["num_rebuilds"] == 0
+
+
+def test_a_shard_holds_only_its_experts(tiny_dirs, ray_cluster):
+    config = ReplicaConfig(
+        str(tiny_dirs["jetmoe"]), expert_parallel_size=3, engine=ENGINE, placement="round_robin"
+    )
+
+    async def scenario(front, actor):
+        return await actor.parameter_summaries.remote()
+
+    summaries = run_ray_replica(config, scenario)
+    owned = ((0, 3, 6), (1, 4, 7), (2, 5))  # round-robin over the tiny model's 8 experts
+    for summary, expert_ids in zip(summaries, owned, strict=True):
+        assert len(summary) == 2 * 2  # gate_up and down of each of the 2 layers, nothing else
+        for name, shape in summary.items():
+            assert name.endswith(("gate_up_proj", "down_proj")) and shape[0] == len(expert_ids)
+
+
+def test_attention_side_and_shards_split_the_weights(tiny_dirs):
+    from models.registry import load_model
+
+    path = str(tiny_dirs["jetmoe"])
+    full = load_model(path)
+    front, core = create_local_replica(
+        ReplicaConfig(path, expert_parallel_size=3, engine=ENGINE), ThreadShardLauncher()
+    )
+    try:
+        attention_side = dict(core.engine.model.named_parameters())
+        assert not [n for n in attention_side if ".mlp.experts." in n]
+        assert any(".self_attn.experts." in n for n in attention_side)  # MoA stays here
+        for shard, expert_ids in zip(
+            core.launcher.shards, core.placement.shard_expert_ids, strict=True
+        ):
+            for layer, experts in enumerate(shard.experts):
+                whole = full.moe_blocks()[layer].experts
+                assert torch.equal(experts.gate_up_proj, whole.gate_up_proj[list(expert_ids)])
+                assert torch.equal(experts.down_proj, whole.down_proj[list(expert_ids)])
+    finally:
+        asyncio.run(front.shutdown())
+
+
+def _still_running(pids: list[int], timeout_s: float = 30.0) -> list[int]:
+    """The processes among `pids` still running after up to `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _is_running(pid)]
+        time.sleep(0.1)
+    return alive
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def _failure_then_recovery(front, actor, break_shard, timeout_s: float):
+    expected = await generate_all(front, prompts(4, seed=5))
+    task = asyncio.ensure_future(generate_all(front, prompts(4, seed=1), max_tokens=480))
+    await asyncio.sleep(1.0)
+    started = time.monotonic()
+    await break_shard()
+    results = await task
+    elapsed = time.monotonic() - started
+    assert all(isinstance(r, EngineStepError) for r in results), results
+    assert "expert shard" in str(results[0])
+    assert elapsed < timeout_s + 5
+    assert await generate_all(front, prompts(4, seed=5)) == expected
+    stats = await actor.stats.remote()
+    assert stats["num_rebuilds"] == 1
+    assert stats["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_killed_shard_fails_in_flight_requests_then_the_replica_recovers(tiny_dirs, ray_cluster):
+    config = ReplicaConfig(
+        str(tiny_dirs["granitemoe"]), expert_parallel_size=2, engine=ENGINE, collective_timeout_s=10
+    )
+    pids = []
+
+    async def scenario(front, actor):
+        pids.extend(await actor.shard_pids.remote())
+
+        async def kill():
+            ray_cluster.kill((await actor.shard_handles.remote())[0])
+
+        await _failure_then_recovery(front, actor, kill, timeout_s=0)
+        pids.extend(await actor.shard_pids.remote())
+
+    run_ray_replica(config, scenario)
+    assert len(set(pids)) == 4
+    assert _still_running(pids) == [], "shard processes were left behind"
+
+
+def test_hung_shard_times_out_then_the_replica_recovers(tiny_dirs, ray_cluster):
+    config = ReplicaConfig(
+        str(tiny_dirs["olmoe"]), expert_parallel_size=2, engine=ENGINE, collective_timeout_s=4
+    )
+    stopped = []
+
+    async def scenario(front, actor):
+        pid = (await actor.shard_pids.remote())[1]
+
+        async def hang():
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+
+        await _failure_then_recovery(front, actor, hang, timeout_s=4)
+
+    try:
+        run_ray_replica(config, scenario)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGKILL)
