@@ -47,12 +47,15 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    print(
-        "moe-serve run: would serve the built-in demo (tiny olmoe, jetmoe and granitemoe, "
-        "expert_parallel_size 2); the serving layer is not built yet (see the issues).",
-        file=sys.stderr,
-    )
-    return 2
+    from deploy.config import ConfigFileError, load_config
+    from deploy.serving import run
+
+    try:
+        config = load_config(args.config) if args.config else None
+    except ConfigFileError as exc:
+        print(f"moe-serve: {exc}", file=sys.stderr)
+        return 2
+    return run(config)
 
 
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -85,6 +88,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     engine.add_argument("--out", type=Path, help="write the JSON report here")
     _add_workload_args(engine)
     engine.set_defaults(func=_run_bench_engine)
+    step = kinds.add_parser("step", help="decode step time vs batch for EP sizes, bytes moved")
+    step.add_argument("--checkpoint", required=True)
+    step.add_argument("--ep", default="1,2,4", help="expert-parallel sizes, comma separated")
+    step.add_argument("--batch", default="1,16,64", help="batch sizes, comma separated")
+    step.add_argument("--output-tokens", type=int, default=32)
+    step.add_argument("--dtype", default=None)
+    step.add_argument("--shard-cpus", type=float, default=0.5, help="Ray CPUs per shard actor")
+    step.add_argument("--out", type=Path, help="write the JSON rows here")
+    step.set_defaults(func=_run_bench_step)
 
 
 def _run_bench_engine(args: argparse.Namespace) -> int:
@@ -97,12 +109,36 @@ def _run_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench_step(args: argparse.Namespace) -> int:
+    from deploy.bench.step_bench import measure
+
+    batches = [int(b) for b in args.batch.split(",")]
+    print(f"{'ep':>3} {'batch':>6} {'ms/step':>9} {'bytes/step':>12} {'min bytes':>12}", flush=True)
+    rows = []
+    for ep in (int(e) for e in args.ep.split(",")):
+        for r in measure(
+            args.checkpoint, ep, batches, args.output_tokens, args.dtype, args.shard_cpus
+        ):
+            rows.append(r)
+            print(
+                f"{r['ep']:>3} {r['batch']:>6} {r['ms_per_step']:>9.2f} "
+                f"{r['bytes_per_step']:>12.0f} {r['min_bytes_per_step']:>12.0f}",
+                flush=True,
+            )
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tiny(sub)
     _add_run(sub)
     _add_bench(sub)
+    from deploy.client import add_client
+
+    add_client(sub)
     return parser
 
 

@@ -47,3 +47,17 @@ def test_missing_sources_are_clear_errors(tmp_path, monkeypatch):
         resolve_source(str(tmp_path / "nope"))
     with pytest.raises(SourceError, match="cannot fetch 'acme/absent'"):
         resolve_source("acme/absent", cache_dir=tmp_path / "hub")
+
+
+def test_tiny_sources_are_generated_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_SERVE_CACHE", str(tmp_path))
+    path = resolve_source("tiny:jetmoe:3")
+    assert path == tmp_path / "tiny" / "jetmoe-seed3"
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert resolve_source("tiny:jetmoe:3") == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert load_model(path).config.architecture == "JetMoeForCausalLM"
+    with pytest.raises(SourceError, match="unknown tiny architecture"):
+        resolve_source("tiny:mixtral")
+    with pytest.raises(SourceError, match="bad tiny source"):
+        resolve_source("tiny:olmoe:x")

@@ -1,0 +1,168 @@
+"""The serving config (YAML): endpoints, auth and the models to serve. Unknown keys are errors.
+
+The same schema is `moe-serve run --config FILE`, the Serve application's args, and what the
+Helm chart renders into `serveConfigV2`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cluster.core import ReplicaConfig
+from cluster.engine import EngineConfig
+
+API_KEY_ENV = "MOE_SERVE_API_KEY"
+GIB = 1 << 30
+
+
+class ConfigFileError(ValueError):
+    """The config file is missing, not YAML, or does not match the schema."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HttpConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class GrpcConfig(Strict):
+    port: int = Field(9000, ge=1, le=65535)
+
+
+class AutoscalingConfig(Strict):
+    """Ray Serve autoscaling of a model's replicas (each a gang of attention + shards)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    metrics_interval_s: float = Field(10.0, gt=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class ResourcesConfig(Strict):
+    """Ray resources per actor. On CUDA every actor (attention and each shard) also takes one
+    GPU; on CPU these fractions let several shards share a node's cores."""
+
+    replica_cpus: float = Field(0.5, gt=0)  # the Serve replica (front) + the engine actor
+    shard_cpus: float = Field(0.5, gt=0)
+    torch_threads: int | None = Field(None, ge=1)  # engine actor's threads (default: cores)
+
+
+class ModelConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    source: str = Field(min_length=1)  # a local checkpoint directory or a hub id
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    expert_parallel_size: int = Field(1, ge=1)
+    placement: Literal["contiguous", "round_robin"] = "contiguous"
+    max_model_len: int | None = Field(None, ge=2)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=16)
+    block_size: int = Field(16, ge=1, le=256)
+    kv_cache_blocks: int | None = Field(None, ge=1)
+    kv_cache_memory_gb: float | None = Field(None, gt=0)
+    max_queued_requests: int = Field(64, ge=1)  # beyond: 429 / RESOURCE_EXHAUSTED at once
+    collective_timeout_s: float = Field(30.0, gt=0)
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _one_kv_budget(self) -> ModelConfig:
+        if self.kv_cache_blocks is not None and self.kv_cache_memory_gb is not None:
+            raise ValueError("set kv_cache_blocks or kv_cache_memory_gb, not both")
+        return self
+
+    def replica_config(self, checkpoint: str) -> ReplicaConfig:
+        """The engine-side config, for a checkpoint already resolved to a local directory."""
+        memory = self.kv_cache_memory_gb
+        engine = EngineConfig(
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            block_size=self.block_size,
+            num_kv_blocks=self.kv_cache_blocks,
+            kv_cache_bytes=int(memory * GIB) if memory is not None else None,
+        )
+        return ReplicaConfig(
+            checkpoint,
+            dtype=None if self.dtype == "auto" else self.dtype,
+            device=self.device,
+            expert_parallel_size=self.expert_parallel_size,
+            placement=self.placement,
+            engine=engine,
+            collective_timeout_s=self.collective_timeout_s,
+        )
+
+
+class ServeConfig(Strict):
+    http: HttpConfig = HttpConfig()
+    grpc: GrpcConfig = GrpcConfig()
+    api_key: str | None = Field(None, min_length=8)  # or from $MOE_SERVE_API_KEY
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ServeConfig:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {duplicates}")
+        return self
+
+    def resolved_api_key(self) -> str | None:
+        """The configured key, else $MOE_SERVE_API_KEY, else None (no auth)."""
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def format_errors(error: ValidationError, where: str) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{where}: {location}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, where: str = "config") -> ServeConfig:
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigFileError(format_errors(exc, where)) from None
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    """Read and validate a YAML config file; errors name the file and the key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigFileError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigFileError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path))
+
+
+def demo_model_name(arch: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", f"tiny-{arch}")

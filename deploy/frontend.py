@@ -1,0 +1,166 @@
+"""What HTTP and gRPC share: auth, model lookup, tokenization, and running a request's prompts
+on the model's replicas as merged streams."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from cluster.outputs import RequestOutput
+from cluster.params import RequestError, RequestLimits, SamplingParams
+from cluster.sampler import TokenLogprobs
+from deploy.errors import ApiError, as_api_error
+from deploy.metrics import GatewayMetrics
+from models.tokenizer import TextTokenizer
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    max_model_len: int
+    expert_parallel_size: int
+    num_experts: int
+
+
+@dataclass
+class ModelEndpoint:
+    """A served model as the gateway sees it."""
+
+    info: ModelInfo
+    handle: object  # DeploymentHandle of its ModelReplica deployment
+    tokenizer: TextTokenizer
+    limits: RequestLimits
+
+
+@dataclass
+class ChoiceState:
+    """One completion accumulated from its deltas."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class PromptRun:
+    """One prompt of a request: its ids, and (for echo) its logprobs."""
+
+    prompt_ids: list[int]
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+
+
+class Frontend:
+    def __init__(
+        self, endpoints: dict[str, ModelEndpoint], api_key: str | None, metrics: GatewayMetrics
+    ) -> None:
+        self.endpoints, self.api_key, self.metrics = endpoints, api_key, metrics
+
+    def authorize(self, authorization: str | None) -> None:
+        """`Authorization: Bearer <key>` when the server has a key; 401 otherwise."""
+        if self.api_key is None:
+            return
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip(), self.api_key):
+            raise ApiError(
+                401,
+                "missing or invalid API key (Authorization: Bearer <key>)",
+                code="invalid_api_key",
+            )
+
+    def endpoint(self, name: str) -> ModelEndpoint:
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            raise ApiError(
+                404,
+                f"model {name!r} does not exist; see /v1/models",
+                param="model",
+                code="model_not_found",
+            )
+        return endpoint
+
+    def prompt_ids(self, endpoint: ModelEndpoint, prompt: str | list[int]) -> list[int]:
+        ids = endpoint.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        return ids
+
+    def check(
+        self, endpoint: ModelEndpoint, prompts: list[list[int]], params: SamplingParams
+    ) -> None:
+        for ids in prompts:
+            endpoint.limits.check(ids, params)
+
+    async def stream(
+        self, endpoint: ModelEndpoint, prompts: list[list[int]], params: SamplingParams
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Run every prompt; yield (prompt index, output) as outputs arrive. Leaving early
+        cancels every stream on the replicas (their KV blocks are freed)."""
+        self.check(endpoint, prompts, params)
+        queue: asyncio.Queue = asyncio.Queue()
+        streams = [
+            endpoint.handle.options(stream=True).generate.remote(ids, params, uuid.uuid4().hex)
+            for ids in prompts
+        ]
+        tasks = [asyncio.ensure_future(self._pump(i, s, queue)) for i, s in enumerate(streams)]
+        self.metrics.in_flight(endpoint.info.name, len(prompts))
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise as_api_error(item)
+                if item is None:
+                    remaining -= 1
+                    continue
+                yield item
+        finally:
+            self.metrics.in_flight(endpoint.info.name, -len(prompts))
+            for task, response in zip(tasks, streams, strict=True):
+                if not task.done():
+                    task.cancel()
+                    response.cancel()
+
+    async def _pump(self, index: int, response, queue: asyncio.Queue) -> None:
+        try:
+            async for output in response:
+                queue.put_nowait((index, output))
+            queue.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            queue.put_nowait(exc)
+
+    async def collect(
+        self, endpoint: ModelEndpoint, prompts: list[list[int]], params: SamplingParams
+    ) -> tuple[list[PromptRun], list[ChoiceState]]:
+        """Run to completion: per prompt its run, per choice (prompt i, sample j ->
+        i * n + j) its accumulated state."""
+        runs = [PromptRun(ids) for ids in prompts]
+        choices = [ChoiceState() for _ in range(len(prompts) * params.n)]
+        tracker = self.metrics.track(endpoint.info.name, prompts)
+        async for index, output in self.stream(endpoint, prompts, params):
+            tracker.on_output(index, output)
+            if output.prompt_logprobs is not None:
+                runs[index].prompt_logprobs = output.prompt_logprobs
+            for delta in output.deltas:
+                state = choices[index * params.n + delta.index]
+                state.text += delta.text
+                state.token_ids.extend(delta.token_ids)
+                state.logprobs.extend(delta.logprobs)
+                state.finish_reason = delta.finish_reason
+        tracker.done()
+        return runs, choices
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,199 @@
+"""The ingress: OpenAI-compatible HTTP (FastAPI) and the gRPC methods Serve's proxy calls by
+name, in front of every model's ModelReplica deployment."""
+
+# NOTE: no `from __future__ import annotations` here: FastAPI must see `Request` itself.
+import asyncio
+import json
+import logging
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from grpc_health.v1 import health_pb2
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from cluster.params import RequestLimits
+from deploy import grpc_server, openai_server
+from deploy.config import ModelConfig, ServeConfig
+from deploy.errors import ApiError, as_api_error
+from deploy.frontend import Frontend, ModelEndpoint, ModelInfo
+from deploy.metrics import GatewayMetrics
+from deploy.openai_format import models_body
+from deploy.protocol import ChatCompletionRequest, CompletionRequest
+from models.registry import load_config
+from models.source import resolve_source
+from models.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 4 << 20
+HEALTH_TIMEOUT_S = 5.0
+WATCH_PERIOD_S = 5.0
+HEALTH_SERVICES = ("", "moeserving.v1.MoEServing")
+
+app = FastAPI(title="moe-serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    message = {404: "no such route", 405: "method not allowed"}.get(
+        exc.status_code, str(exc.detail)
+    )
+    return JSONResponse(ApiError(exc.status_code, message).body(), status_code=exc.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"]) or "request"
+    return JSONResponse(ApiError(400, f"{where}: {first['msg']}").body(), status_code=400)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    error = as_api_error(exc)
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The JSON body as `model`; 413 if too large, 400 with the first problem otherwise."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        message = "unknown parameter" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ApiError(400, f"{where}: {message}", param=where) from None
+
+
+def build_endpoint(model: ModelConfig, handle) -> ModelEndpoint:
+    """What the gateway needs of a model: tokenizer, limits (checkpoint metadata only)."""
+    directory = resolve_source(model.source, model.revision, metadata_only=True)
+    config = load_config(directory)
+    max_len = model.max_model_len or config.max_position_embeddings
+    info = ModelInfo(
+        model.name, config.architecture, max_len, model.expert_parallel_size, config.num_experts
+    )
+    return ModelEndpoint(
+        info, handle, TextTokenizer.from_dir(directory), RequestLimits(config.vocab_size, max_len)
+    )
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
+@serve.ingress(app)
+class Gateway:
+    def __init__(self, config: dict, handles: dict, hub) -> None:
+        serve_config = ServeConfig.model_validate(config)
+        endpoints = {m.name: build_endpoint(m, handles[m.name]) for m in serve_config.models}
+        self.frontend = Frontend(endpoints, serve_config.resolved_api_key(), GatewayMetrics())
+        self.hub = hub
+
+    async def _guarded(self, api: str, body_model, request: Request, handler):
+        model = "-"
+        try:
+            self.frontend.authorize(request.headers.get("authorization"))
+            body = await parse_body(request, body_model)
+            model = body.model
+            response = await handler(self.frontend, body)
+        except Exception as exc:
+            error = as_api_error(exc)
+            self.frontend.metrics.count(model, api, error.status)
+            return JSONResponse(error.body(), status_code=error.status)
+        self.frontend.metrics.count(model, api, 200)
+        return response
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._guarded(
+            "completions", CompletionRequest, request, openai_server.completions
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._guarded(
+            "chat", ChatCompletionRequest, request, openai_server.chat_completions
+        )
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        self.frontend.authorize(request.headers.get("authorization"))
+        return models_body(e.info for e in self.frontend.endpoints.values())
+
+    @app.get("/health")
+    async def health(self):
+        """200 when every model has a replica that answers; 503 naming those that do not."""
+        names = list(self.frontend.endpoints)
+        results = await asyncio.gather(*(self._ping(n) for n in names), return_exceptions=True)
+        down = [n for n, ok in zip(names, results, strict=True) if ok is not True]
+        if down:
+            return JSONResponse(ApiError(503, f"models not ready: {down}").body(), status_code=503)
+        return {"status": "ok", "models": names}
+
+    async def _ping(self, name: str) -> bool:
+        handle = self.frontend.endpoints[name].handle
+        return await asyncio.wait_for(handle.ping.remote(), HEALTH_TIMEOUT_S)
+
+    @app.get("/metrics")
+    async def metrics(self):
+        snapshot = await self.hub.snapshot.remote()
+        return Response(
+            self.frontend.metrics.render(snapshot), media_type="text/plain; version=0.0.4"
+        )
+
+    # gRPC: Serve's proxy calls the method named like the RPC.
+    async def Generate(self, request, grpc_context=None):
+        return await grpc_server.generate(self.frontend, request, grpc_context)
+
+    async def GenerateStream(self, request, grpc_context=None):
+        async for response in grpc_server.generate_stream(self.frontend, request, grpc_context):
+            yield response
+
+    async def ListModels(self, request, grpc_context=None):
+        return grpc_server.list_models(self.frontend, grpc_context)
+
+    async def Check(self, request, grpc_context=None):
+        """grpc.health.v1.Health/Check for "" or moeserving.v1.MoEServing."""
+        if request.service not in HEALTH_SERVICES:
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"unknown service {request.service!r}")
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=await self._serving_status())
+
+    async def Watch(self, request, grpc_context=None):
+        """grpc.health.v1.Health/Watch: the status now, then each change."""
+        last = None
+        while True:
+            status = await self._serving_status()
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(WATCH_PERIOD_S)
+
+    async def _serving_status(self) -> int:
+        names = list(self.frontend.endpoints)
+        results = await asyncio.gather(*(self._ping(n) for n in names), return_exceptions=True)
+        serving = all(ok is True for ok in results)
+        return (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )

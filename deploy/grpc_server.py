@@ -1,0 +1,208 @@
+"""The gRPC API (`moeserving.v1.MoEServing`): protobuf in and out at this edge only."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+
+from cluster.params import RequestError, SamplingParams
+from cluster.sampler import TokenLogprobs
+from deploy.errors import ApiError, as_api_error
+from deploy.frontend import ChoiceState, Frontend, ModelEndpoint, PromptRun, request_id
+from models.tokenizer import TextTokenizer
+from protos import moe_serving_pb2 as pb
+
+_DEFAULTS = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "n": 1,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+}
+
+
+def authorize(frontend: Frontend, context) -> None:
+    metadata = dict(context.invocation_metadata() or ())
+    frontend.authorize(metadata.get("authorization"))
+
+
+def _params(request: pb.GenerateRequest, is_chat: bool) -> SamplingParams:
+    def get(name: str, default=None):
+        return getattr(request, name) if request.HasField(name) else default
+
+    values = {name: get(name, default) for name, default in _DEFAULTS.items()}
+    logprobs = get("logprobs")
+    try:
+        return SamplingParams(
+            max_tokens=get("max_tokens", None if is_chat else 16),
+            seed=get("seed"),
+            stop=tuple(request.stop),
+            stop_token_ids=tuple(request.stop_token_ids),
+            logprobs=logprobs,
+            prompt_logprobs=logprobs if request.echo and not is_chat else None,
+            ignore_eos=request.ignore_eos,
+            **values,
+        )
+    except RequestError as exc:
+        raise RequestError(f"invalid sampling parameters: {exc}") from None
+
+
+def _prompt(frontend: Frontend, endpoint: ModelEndpoint, request: pb.GenerateRequest) -> list[int]:
+    kind = request.WhichOneof("input")
+    if kind == "prompt":
+        return frontend.prompt_ids(endpoint, request.prompt)
+    if kind == "prompt_token_ids":
+        return frontend.prompt_ids(endpoint, list(request.prompt_token_ids.ids))
+    if kind == "chat":
+        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        if not messages or any(m["role"] not in ("system", "user", "assistant") for m in messages):
+            raise RequestError("chat needs messages with roles system, user or assistant")
+        text = endpoint.tokenizer.render_chat(messages)
+        return endpoint.tokenizer.encode(text, add_special_tokens=False)
+    raise RequestError("set one of prompt, prompt_token_ids or chat")
+
+
+def _prepare(frontend: Frontend, request: pb.GenerateRequest):
+    endpoint = frontend.endpoint(request.model)
+    params = _params(request, request.WhichOneof("input") == "chat")
+    prompt = _prompt(frontend, endpoint, request)
+    frontend.check(endpoint, [prompt], params)
+    return endpoint, params, prompt
+
+
+def _token_logprob(tokenizer: TextTokenizer, token_id: int, entry: TokenLogprobs | None):
+    decode = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+    top = [
+        pb.TopLogprob(token_id=t, token=decode(t), logprob=lp)
+        for t, lp in (entry.top if entry else ())
+    ]
+    return pb.TokenLogprob(
+        token_id=token_id,
+        token=decode(token_id),
+        logprob=entry.logprob if entry else math.nan,
+        top=top,
+    )
+
+
+def _choice(
+    tokenizer: TextTokenizer,
+    index: int,
+    state: ChoiceState,
+    echo: PromptRun | None,
+    want_logprobs: bool,
+) -> pb.Choice:
+    """`echo`: the prompt to prepend (with its logprobs when `want_logprobs`)."""
+    logprobs, text = [], state.text
+    if echo is not None:
+        text = tokenizer.decode(echo.prompt_ids, skip_special_tokens=False) + text
+        if want_logprobs:
+            entries = echo.prompt_logprobs or (None,) * len(echo.prompt_ids)
+            logprobs = [
+                _token_logprob(tokenizer, t, e)
+                for t, e in zip(echo.prompt_ids, entries, strict=True)
+            ]
+    logprobs += [_token_logprob(tokenizer, e.token_id, e) for e in state.logprobs]
+    return pb.Choice(
+        index=index,
+        text=text,
+        token_ids=state.token_ids,
+        logprobs=logprobs,
+        finish_reason=state.finish_reason or "",
+    )
+
+
+def _usage(num_prompt: int, num_completion: int) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=num_prompt,
+        completion_tokens=num_completion,
+        total_tokens=num_prompt + num_completion,
+    )
+
+
+class StreamAborted(RuntimeError):
+    """Ends a server stream with the status set on the context (Serve's proxy keeps a status
+    set before an exception; with nothing yielded, a plain return would end with OK)."""
+
+
+def _fail(context, exc: BaseException) -> None:
+    error = as_api_error(exc)
+    context.set_code(error.grpc_code)
+    context.set_details(error.message)
+
+
+async def generate(frontend: Frontend, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+    try:
+        authorize(frontend, context)
+        endpoint, params, prompt = _prepare(frontend, request)
+        runs, choices = await frontend.collect(endpoint, [prompt], params)
+    except Exception as exc:
+        _fail(context, exc)
+        return pb.GenerateResponse()
+    echo = runs[0] if request.echo else None
+    want = request.HasField("logprobs")
+    num_completion = sum(len(c.token_ids) for c in choices)
+    return pb.GenerateResponse(
+        id=request_id("gen"),
+        model=request.model,
+        choices=[_choice(endpoint.tokenizer, i, c, echo, want) for i, c in enumerate(choices)],
+        usage=_usage(len(prompt), num_completion),
+    )
+
+
+async def generate_stream(
+    frontend: Frontend, request: pb.GenerateRequest, context
+) -> AsyncIterator[pb.GenerateStreamResponse]:
+    try:
+        authorize(frontend, context)
+        endpoint, params, prompt = _prepare(frontend, request)
+    except Exception as exc:
+        _fail(context, exc)
+        raise StreamAborted(as_api_error(exc).message) from None
+    rid, num_completion, echoed = request_id("gen"), 0, set()
+    want = request.HasField("logprobs")
+    tracker = frontend.metrics.track(request.model, [prompt])
+    try:
+        async for _, output in frontend.stream(endpoint, [prompt], params):
+            tracker.on_output(0, output)
+            choices = []
+            for delta in output.deltas:
+                num_completion += len(delta.token_ids)
+                state = ChoiceState(
+                    delta.text, list(delta.token_ids), list(delta.logprobs), delta.finish_reason
+                )
+                echo = None
+                if request.echo and delta.index not in echoed:
+                    echoed.add(delta.index)
+                    echo = PromptRun(prompt, output.prompt_logprobs)
+                choices.append(_choice(endpoint.tokenizer, delta.index, state, echo, want))
+            yield pb.GenerateStreamResponse(id=rid, model=request.model, choices=choices)
+        tracker.done()
+        yield pb.GenerateStreamResponse(
+            id=rid, model=request.model, usage=_usage(len(prompt), num_completion)
+        )
+    except Exception as exc:
+        _fail(context, exc)
+        raise StreamAborted(as_api_error(exc).message) from None
+
+
+def list_models(frontend: Frontend, context) -> pb.ListModelsResponse:
+    try:
+        authorize(frontend, context)
+    except ApiError as exc:
+        _fail(context, exc)
+        return pb.ListModelsResponse()
+    return pb.ListModelsResponse(
+        models=[
+            pb.ModelInfo(
+                name=e.info.name,
+                architecture=e.info.architecture,
+                max_model_len=e.info.max_model_len,
+                expert_parallel_size=e.info.expert_parallel_size,
+                num_experts=e.info.num_experts,
+            )
+            for e in frontend.endpoints.values()
+        ]
+    )

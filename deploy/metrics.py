@@ -1,0 +1,173 @@
+"""Prometheus metrics: request-level ones measured at the gateway, engine-level ones (KV usage,
+queues, per-expert tokens, dispatch bytes) pushed by every model replica to `MetricsHub`."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from ray import serve
+
+from cluster.outputs import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+STALE_AFTER_S = 30.0
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class MetricsHub:
+    """The latest engine stats of every model replica (replicas push every few seconds)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[tuple[str, str], tuple[float, dict]] = {}
+
+    def report(self, model: str, replica: str, stats: dict) -> None:
+        self.latest[(model, replica)] = (time.monotonic(), stats)
+
+    def snapshot(self) -> list[tuple[str, str, dict]]:
+        """Stats of the replicas heard from in the last STALE_AFTER_S seconds."""
+        cutoff = time.monotonic() - STALE_AFTER_S
+        self.latest = {k: v for k, v in self.latest.items() if v[0] >= cutoff}
+        return [(model, replica, stats) for (model, replica), (_, stats) in self.latest.items()]
+
+
+class ReplicaCollector:
+    """Renders the hub's snapshot (set before each scrape) as metric families."""
+
+    def __init__(self) -> None:
+        self.snapshot: list[tuple[str, str, dict]] = []
+
+    def collect(self):
+        labels = ["model", "replica"]
+        gauges = {
+            key: GaugeMetricFamily(f"moe_serve_{key}", help_text, labels=labels)
+            for key, help_text in (
+                ("num_requests_running", "sequences running"),
+                ("num_requests_waiting", "sequences waiting"),
+                ("kv_cache_usage_ratio", "fraction of KV blocks used"),
+            )
+        }
+        counters = {
+            key: CounterMetricFamily(f"moe_serve_{key}", help_text, labels=labels)
+            for key, help_text in (
+                ("preemptions", "sequences preempted"),
+                ("shard_rebuilds", "expert shard group rebuilds"),
+                ("engine_steps", "engine steps"),
+            )
+        }
+        experts = CounterMetricFamily(
+            "moe_serve_expert_tokens",
+            "tokens routed to each expert",
+            labels=[*labels, "layer", "expert"],
+        )
+        moved = CounterMetricFamily(
+            "moe_serve_dispatch_bytes", "bytes moved to/from shards", labels=[*labels, "direction"]
+        )
+        for model, replica, stats in self.snapshot:
+            key = [model, replica]
+            gauges["num_requests_running"].add_metric(key, stats["num_running"])
+            gauges["num_requests_waiting"].add_metric(key, stats["num_waiting"])
+            gauges["kv_cache_usage_ratio"].add_metric(key, stats["kv_usage"])
+            counters["preemptions"].add_metric(key, stats["num_preemptions"])
+            counters["shard_rebuilds"].add_metric(key, stats["num_rebuilds"])
+            counters["engine_steps"].add_metric(key, stats["num_steps"])
+            dispatch = stats.get("dispatch")
+            if dispatch:
+                for layer, row in enumerate(dispatch["expert_tokens"]):
+                    for expert, count in enumerate(row):
+                        experts.add_metric([*key, str(layer), str(expert)], count)
+                moved.add_metric([*key, "sent"], dispatch["bytes_sent"])
+                moved.add_metric([*key, "received"], dispatch["bytes_received"])
+                moved.add_metric([*key, "minimum"], dispatch["min_bytes"])
+        yield from gauges.values()
+        yield from counters.values()
+        yield experts
+        yield moved
+
+
+class RequestTracker:
+    """Timing of one API request (its prompts run concurrently)."""
+
+    def __init__(self, metrics: GatewayMetrics, model: str, prompts: list[list[int]]) -> None:
+        self.metrics, self.model = metrics, model
+        self.start = time.monotonic()
+        self.first: dict[int, float] = {}
+        self.tokens: dict[int, int] = {}
+        metrics.prompt_tokens.labels(model).inc(sum(len(p) for p in prompts))
+
+    def on_output(self, index: int, output: RequestOutput) -> None:
+        new = sum(len(d.token_ids) for d in output.deltas)
+        if new and index not in self.first:
+            self.first[index] = time.monotonic()
+            self.metrics.ttft.labels(self.model).observe(self.first[index] - self.start)
+        self.tokens[index] = self.tokens.get(index, 0) + new
+        self.metrics.generation_tokens.labels(self.model).inc(new)
+
+    def done(self) -> None:
+        end = time.monotonic()
+        self.metrics.latency.labels(self.model).observe(end - self.start)
+        for index, first in self.first.items():
+            if self.tokens[index] > 1:
+                self.metrics.tpot.labels(self.model).observe(
+                    (end - first) / (self.tokens[index] - 1)
+                )
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        registry = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "moe_serve_requests",
+            "API requests by outcome",
+            ["model", "api", "status"],
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "moe_serve_prompt_tokens", "prompt tokens", ["model"], registry=registry
+        )
+        self.generation_tokens = Counter(
+            "moe_serve_generation_tokens", "generated tokens", ["model"], registry=registry
+        )
+        self.ttft = Histogram(
+            "moe_serve_time_to_first_token_seconds",
+            "time to first token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tpot = Histogram(
+            "moe_serve_time_per_output_token_seconds",
+            "time per output token after the first",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "moe_serve_request_latency_seconds",
+            "end-to-end latency",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue = Gauge(
+            "moe_serve_requests_in_flight",
+            "requests at the gateway, per model",
+            ["model"],
+            registry=registry,
+        )
+        self.replicas = ReplicaCollector()
+        registry.register(self.replicas)
+
+    def in_flight(self, model: str, delta: int) -> None:
+        self.queue.labels(model).inc(delta)
+
+    def track(self, model: str, prompts: list[list[int]]) -> RequestTracker:
+        return RequestTracker(self, model, prompts)
+
+    def count(self, model: str, api: str, status: int) -> None:
+        self.requests.labels(model, api, str(status)).inc()
+
+    def render(self, snapshot: list[tuple[str, str, dict]]) -> bytes:
+        self.replicas.snapshot = snapshot
+        return generate_latest(self.registry)

@@ -1,0 +1,79 @@
+"""ModelReplica: one Serve replica per gang (its engine actor in bundle 0, its expert shards in
+bundles 1..N), autoscaled by Serve. A thin async front: the engine core runs in the engine
+actor (see `cluster/core.py` for why)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from cluster.outputs import RequestOutput
+from cluster.params import SamplingParams
+from cluster.replica import create_ray_replica
+from deploy.config import ModelConfig
+from models.source import resolve_source
+
+log = logging.getLogger(__name__)
+STATS_PERIOD_S = 2.0
+
+
+def gang_bundles(model: ModelConfig, is_cuda: bool) -> list[dict[str, float]]:
+    """Bundle 0: the engine actor (and this front); bundles 1..N: one per expert shard."""
+    gpu = {"GPU": 1.0} if is_cuda else {}
+    bundles = [{"CPU": model.resources.replica_cpus} | gpu]
+    if model.expert_parallel_size > 1:
+        bundles += [{"CPU": model.resources.shard_cpus} | gpu] * model.expert_parallel_size
+    return bundles
+
+
+@serve.deployment
+class ModelReplica:
+    async def __init__(self, model: dict, is_cuda: bool, hub) -> None:
+        self.config = ModelConfig.model_validate(model)
+        checkpoint = await asyncio.to_thread(
+            resolve_source, self.config.source, self.config.revision
+        )
+        replica = self.config.replica_config(str(checkpoint))
+        gpus, resources = (1 if is_cuda else 0), self.config.resources
+        engine_options = {"num_cpus": resources.replica_cpus, "num_gpus": gpus}
+        shard_options = {"num_cpus": resources.shard_cpus, "num_gpus": gpus, "num_threads": 1}
+        self.front, self.actor = await asyncio.to_thread(
+            create_ray_replica, replica, engine_options, shard_options, resources.torch_threads
+        )
+        self.hub, self.replica_id = hub, serve.get_replica_context().replica_id.unique_id
+        self._reporter = asyncio.get_running_loop().create_task(self._report())
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream one request; cancelling the call aborts it (its KV blocks are freed)."""
+        async for output in self.front.generate(prompt_ids, params, request_id):
+            yield output
+
+    async def stats(self) -> dict:
+        return await self.front.core.stats()
+
+    async def ping(self) -> bool:
+        """Answers when the replica can take requests."""
+        await self.check_health()
+        return True
+
+    async def check_health(self) -> None:
+        if self.front.error is not None:
+            raise RuntimeError(f"the engine actor failed: {self.front.error}")
+
+    async def _report(self) -> None:
+        while True:
+            try:
+                stats = await self.front.core.stats()
+                await self.hub.report.remote(self.config.name, self.replica_id, stats)
+            except Exception as exc:  # NOTE: metrics must never take serving down
+                log.warning("could not report engine stats: %s", exc)
+            await asyncio.sleep(STATS_PERIOD_S)
+
+    async def __del__(self) -> None:
+        self._reporter.cancel()
+        await self.front.shutdown()

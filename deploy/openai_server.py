@@ -1,0 +1,213 @@
+"""Handling of /v1/completions and /v1/chat/completions: validation up front (so errors are
+plain 4xx responses), then either one JSON body or an SSE stream ending in `data: [DONE]`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from cluster.params import SamplingParams
+from deploy.errors import ApiError, as_api_error
+from deploy.frontend import Frontend, ModelEndpoint, PromptRun, now, request_id
+from deploy.openai_format import (
+    SSE_DONE,
+    chat_body,
+    chat_logprobs,
+    completion_body,
+    completion_logprobs,
+    sse,
+    usage,
+)
+from deploy.protocol import ChatCompletionRequest, CompletionRequest
+
+
+def _prepare_completion(frontend: Frontend, body: CompletionRequest):
+    endpoint = frontend.endpoint(body.model)
+    params = body.to_params()
+    prompts = [frontend.prompt_ids(endpoint, p) for p in body.prompts()]
+    frontend.check(endpoint, prompts, params)
+    return endpoint, params, prompts
+
+
+async def completions(frontend: Frontend, body: CompletionRequest):
+    endpoint, params, prompts = _prepare_completion(frontend, body)
+    rid, created = request_id("cmpl"), now()
+    if body.stream:
+        chunks = _completion_chunks(frontend, endpoint, body, params, prompts, rid, created)
+        return StreamingResponse(chunks, media_type="text/event-stream")
+    runs, choices = await frontend.collect(endpoint, prompts, params)
+    return JSONResponse(
+        completion_body(
+            rid,
+            created,
+            body.model,
+            runs,
+            choices,
+            params.n,
+            body.echo,
+            body.logprobs is not None,
+            endpoint.tokenizer,
+        )
+    )
+
+
+async def _completion_chunks(
+    frontend: Frontend,
+    endpoint: ModelEndpoint,
+    body: CompletionRequest,
+    params: SamplingParams,
+    prompts: list[list[int]],
+    rid: str,
+    created: int,
+) -> AsyncIterator[str]:
+    tokenizer, n = endpoint.tokenizer, params.n
+    echoed: set[int] = set()
+    tracker = frontend.metrics.track(body.model, prompts)
+    num_completion = 0
+
+    def chunk(index: int, text: str, logprobs, finish: str | None) -> str:
+        return sse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "choices": [
+                    {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+                ],
+            }
+        )
+
+    try:
+        async for prompt_index, output in frontend.stream(endpoint, prompts, params):
+            tracker.on_output(prompt_index, output)
+            for delta in output.deltas:
+                index = prompt_index * n + delta.index
+                num_completion += len(delta.token_ids)
+                text, run = delta.text, None
+                if body.echo and index not in echoed:
+                    echoed.add(index)
+                    prompt_text = tokenizer.decode(prompts[prompt_index], skip_special_tokens=False)
+                    text, run = prompt_text + text, _echo_run(prompts[prompt_index], output)
+                logprobs = (
+                    completion_logprobs(tokenizer, run, list(delta.logprobs))
+                    if body.logprobs is not None
+                    else None
+                )
+                if text or logprobs or delta.finish_reason:  # NOTE: else a partial character
+                    yield chunk(index, text, logprobs, delta.finish_reason)
+        tracker.done()
+        if body.include_usage:
+            yield sse(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": body.model,
+                    "choices": [],
+                    "usage": usage(sum(map(len, prompts)), num_completion),
+                }
+            )
+    except Exception as exc:  # NOTE: headers are sent: report in-band
+        yield sse(as_api_error(exc).body())
+    yield SSE_DONE
+
+
+def _echo_run(prompt_ids: list[int], output) -> PromptRun:
+    return PromptRun(prompt_ids, output.prompt_logprobs)
+
+
+def _prepare_chat(frontend: Frontend, body: ChatCompletionRequest):
+    endpoint = frontend.endpoint(body.model)
+    params = body.to_params()
+    messages = [m.as_template_input() for m in body.messages]
+    text = endpoint.tokenizer.render_chat(messages, body.add_generation_prompt)
+    prompt = endpoint.tokenizer.encode(text, add_special_tokens=False)
+    frontend.check(endpoint, [prompt], params)
+    return endpoint, params, prompt
+
+
+async def chat_completions(frontend: Frontend, body: ChatCompletionRequest):
+    endpoint, params, prompt = _prepare_chat(frontend, body)
+    rid, created = request_id("chatcmpl"), now()
+    if body.stream:
+        chunks = _chat_chunks(frontend, endpoint, body, params, prompt, rid, created)
+        return StreamingResponse(chunks, media_type="text/event-stream")
+    runs, choices = await frontend.collect(endpoint, [prompt], params)
+    return JSONResponse(
+        chat_body(rid, created, body.model, runs[0], choices, body.logprobs, endpoint.tokenizer)
+    )
+
+
+async def _chat_chunks(
+    frontend: Frontend,
+    endpoint: ModelEndpoint,
+    body: ChatCompletionRequest,
+    params: SamplingParams,
+    prompt: list[int],
+    rid: str,
+    created: int,
+) -> AsyncIterator[str]:
+    def chunk(choices: list[dict], extra: dict | None = None) -> str:
+        return sse(
+            {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "choices": choices,
+            }
+            | (extra or {})
+        )
+
+    yield chunk(
+        [
+            {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for i in range(params.n)
+        ]
+    )
+    tracker = frontend.metrics.track(body.model, [prompt])
+    num_completion = 0
+    try:
+        async for _, output in frontend.stream(endpoint, [prompt], params):
+            tracker.on_output(0, output)
+            for delta in output.deltas:
+                num_completion += len(delta.token_ids)
+                logprobs = (
+                    chat_logprobs(endpoint.tokenizer, list(delta.logprobs))
+                    if body.logprobs
+                    else None
+                )
+                if not (delta.text or logprobs or delta.finish_reason):
+                    continue  # NOTE: bytes of a partial character: nothing to show yet
+                content = {"content": delta.text} if delta.text else {}
+                yield chunk(
+                    [
+                        {
+                            "index": delta.index,
+                            "delta": content,
+                            "logprobs": logprobs,
+                            "finish_reason": delta.finish_reason,
+                        }
+                    ]
+                )
+        tracker.done()
+        if body.include_usage:
+            yield chunk([], {"usage": usage(len(prompt), num_completion)})
+    except Exception as exc:  # NOTE: headers are sent: report in-band
+        yield sse(as_api_error(exc).body())
+    yield SSE_DONE
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    error = as_api_error(exc)
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+__all__ = ["ApiError", "chat_completions", "completions", "error_response"]

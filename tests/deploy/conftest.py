@@ -1,0 +1,93 @@
+"""One Serve application for the deploy tests: every architecture, EP=1 and EP=2 side by side,
+an autoscaled model and a deliberately tight one, behind an API key."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import pytest
+
+API_KEY = "test-key-0123456789"
+
+
+@dataclass(frozen=True)
+class Server:
+    http: str  # base URL
+    grpc: str  # host:port
+    api_key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def app_config(tiny_dirs, http_port: int, grpc_port: int) -> dict:
+    small = {
+        "device": "cpu",
+        "max_model_len": 512,
+        "resources": {"replica_cpus": 0.25, "shard_cpus": 0.25},
+    }
+    return {
+        "http": {"host": "127.0.0.1", "port": http_port},
+        "grpc": {"port": grpc_port},
+        "api_key": API_KEY,
+        "models": [
+            {"name": "olmoe", "source": str(tiny_dirs["olmoe"])} | small,
+            {"name": "jetmoe", "source": str(tiny_dirs["jetmoe"]), "expert_parallel_size": 2}
+            | small,
+            {
+                "name": "granite",
+                "source": str(tiny_dirs["granitemoe"]),
+                "expert_parallel_size": 2,
+                "placement": "round_robin",
+            }
+            | small,
+            {
+                "name": "scaling",
+                "source": str(tiny_dirs["granitemoe"]),
+                "autoscaling": {
+                    "min_replicas": 1,
+                    "max_replicas": 2,
+                    "target_ongoing_requests": 1,
+                    "upscale_delay_s": 0,
+                    "downscale_delay_s": 600,
+                    "metrics_interval_s": 0.5,
+                    "look_back_period_s": 2,
+                },
+            }
+            | small,
+            {
+                "name": "tight",
+                "source": str(tiny_dirs["olmoe"]),
+                "max_num_seqs": 1,
+                "max_queued_requests": 1,
+            }
+            | small,
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def server(ray_cluster, tiny_dirs):
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from deploy.app import APP_NAME, GRPC_SERVICERS, build_app
+    from deploy.config import parse_config
+
+    http_port, grpc_port = free_port(), free_port()
+    config = parse_config(app_config(tiny_dirs, http_port, grpc_port))
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": http_port},
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS),
+    )
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    yield Server(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", API_KEY)
+    serve.shutdown()
