@@ -1,0 +1,25 @@
+{{/*
+serveConfigV2: one Serve application whose args are the serving config (deploy/config.py,
+ServeConfig). The API key never goes here: the app reads MOE_SERVE_API_KEY.
+*/}}
+{{- define "moe-serve.serveConfig" -}}
+{{- $serve := .Values.serve -}}
+{{- $args := dict
+  "http" (dict "host" "0.0.0.0" "port" $serve.httpPort)
+  "grpc" (dict "port" $serve.grpcPort)
+  "models" $serve.models -}}
+{{- $app := dict
+  "name" "moe-serve"
+  "route_prefix" "/"
+  "import_path" "deploy.app:build_app"
+  "args" $args -}}
+{{- $servicers := list
+  "protos.moe_serving_pb2_grpc.add_MoEServingServicer_to_server"
+  "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server" -}}
+{{- $config := dict
+  "proxy_location" "EveryNode"
+  "http_options" (dict "host" "0.0.0.0" "port" $serve.httpPort)
+  "grpc_options" (dict "port" $serve.grpcPort "grpc_servicer_functions" $servicers)
+  "applications" (list $app) -}}
+{{- toYaml $config -}}
+{{- end -}}
