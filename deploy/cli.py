@@ -88,6 +88,22 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     engine.add_argument("--out", type=Path, help="write the JSON report here")
     _add_workload_args(engine)
     engine.set_defaults(func=_run_bench_engine)
+    online = kinds.add_parser("online", help="load a running server (HTTP or gRPC)")
+    online.add_argument("--model", required=True, help="served model name")
+    online.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP base URL")
+    online.add_argument("--grpc", help="host:port: use gRPC instead of HTTP")
+    online.add_argument("--api-key", default=None)
+    online.add_argument("--sweep", default=None, help="concurrency levels, e.g. 1,4,16")
+    online.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    online.add_argument("--vocab-limit", type=int, default=500, help="prompt ids below this")
+    online.add_argument("--baseline-checkpoint", help="also run transformers on this checkpoint")
+    online.add_argument("--baseline-dtype", default="float32")
+    online.add_argument("--out", type=Path, default=Path("bench-results"))
+    _add_workload_args(online)
+    online.set_defaults(func=_run_bench_online)
+    report = kinds.add_parser("report", help="run every benchmark, write performance.md")
+    report.add_argument("--out", type=Path, default=Path("docs"))
+    report.set_defaults(func=_run_bench_report)
     step = kinds.add_parser("step", help="decode step time vs batch for EP sizes, bytes moved")
     step.add_argument("--checkpoint", required=True)
     step.add_argument("--ep", default="1,2,4", help="expert-parallel sizes, comma separated")
@@ -106,6 +122,34 @@ def _run_bench_engine(args: argparse.Namespace) -> int:
         args.checkpoint, _workload(args), args.dtype, not args.no_baseline, args.out
     )
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _run_bench_online(args: argparse.Namespace) -> int:
+    from deploy.bench.online import Target
+    from deploy.bench.online_report import bench_online, print_table
+
+    workload = _workload(args)
+    levels = [int(c) for c in args.sweep.split(",")] if args.sweep else [workload.concurrency]
+    target = Target(args.model, args.url, args.grpc, args.api_key, args.temperature)
+    report = bench_online(
+        target,
+        workload,
+        levels,
+        args.vocab_limit,
+        args.out,
+        args.baseline_checkpoint,
+        args.baseline_dtype,
+    )
+    print_table(report)
+    print(f"wrote {args.out}/online.json and plots")
+    return 0
+
+
+def _run_bench_report(args: argparse.Namespace) -> int:
+    from deploy.bench.report import run_report
+
+    print(f"wrote {run_report(args.out)}")
     return 0
 
 

@@ -7,7 +7,6 @@ Helm chart renders into `serveConfigV2`.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -162,7 +161,3 @@ def load_config(path: str | Path) -> ServeConfig:
     except yaml.YAMLError as exc:
         raise ConfigFileError(f"{path}: not valid YAML: {exc}") from None
     return parse_config(data, str(path))
-
-
-def demo_model_name(arch: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", f"tiny-{arch}")

@@ -44,6 +44,7 @@ class ModelReplica:
             create_ray_replica, replica, engine_options, shard_options, resources.torch_threads
         )
         self.hub, self.replica_id = hub, serve.get_replica_context().replica_id.unique_id
+        self.front.start()
         self._reporter = asyncio.get_running_loop().create_task(self._report())
 
     async def generate(

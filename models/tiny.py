@@ -68,6 +68,16 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
+def _attention(prefix: str, hidden: int, kv: int) -> dict[str, tuple[int, ...]]:
+    """q/k/v/o projections of grouped-query attention (OLMoE, Granite)."""
+    return {
+        prefix + "q_proj.weight": (hidden, hidden),
+        prefix + "k_proj.weight": (kv, hidden),
+        prefix + "v_proj.weight": (kv, hidden),
+        prefix + "o_proj.weight": (hidden, hidden),
+    }
+
+
 def _olmoe(spec: TinySpec, config: dict[str, Any]):
     config |= {
         "model_type": "olmoe",
@@ -86,11 +96,7 @@ def _olmoe(spec: TinySpec, config: dict[str, Any]):
     shapes = {"lm_head.weight": (spec.vocab_size, h)}
     for n in range(spec.num_layers):
         p = f"model.layers.{n}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (h, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, h),
+        shapes |= _attention(p + "self_attn.", h, kv) | {
             p + "self_attn.q_norm.weight": (h,),
             p + "self_attn.k_norm.weight": (kv,),
             p + "mlp.gate.weight": (spec.num_experts, h),
@@ -129,11 +135,7 @@ def _granitemoe(spec: TinySpec, config: dict[str, Any]):
     shapes = {}
     for n in range(spec.num_layers):
         p = f"model.layers.{n}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (h, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, h),
+        shapes |= _attention(p + "self_attn.", h, kv) | {
             p + "block_sparse_moe.router.layer.weight": (e, h),
             p + "block_sparse_moe.input_linear.weight": (e, 2 * i, h),
             p + "block_sparse_moe.output_linear.weight": (e, h, i),

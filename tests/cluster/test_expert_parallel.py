@@ -201,3 +201,22 @@ def test_hung_shard_times_out_then_the_replica_recovers(tiny_dirs, ray_cluster):
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGKILL)
+
+
+def test_idle_shards_outlive_the_collective_timeout(tiny_dirs, ray_cluster):
+    config = ReplicaConfig(
+        str(tiny_dirs["olmoe"]),
+        expert_parallel_size=2,
+        engine=ENGINE,
+        collective_timeout_s=2,
+        idle_ping_s=0.5,
+    )
+
+    async def scenario(front, actor):
+        front.start()
+        await asyncio.sleep(5)  # NOTE: the scenario is idleness itself: 2.5x the timeout
+        outputs = await generate_all(front, prompts(2))
+        return outputs, await actor.stats.remote()
+
+    outputs, stats = run_ray_replica(config, scenario)
+    assert all(len(o) == 24 for o in outputs) and stats["num_rebuilds"] == 0

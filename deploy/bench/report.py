@@ -1,0 +1,137 @@
+"""`moe-serve bench report`: every benchmark in one run, written to docs/performance.md.
+
+Writes the OLMoE-shaped checkpoint if needed, runs the engine bench (float32 and bfloat16)
+against transformers, the decode-step bench for EP = 1, 2, 4, then starts a local Serve app and
+sweeps HTTP (and gRPC) load with the transformers baseline in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from deploy.bench.engine_bench import bench_engine
+from deploy.bench.online import Target
+from deploy.bench.online_report import bench_online
+from deploy.bench.plots import step_plot
+from deploy.bench.step_bench import measure
+from deploy.bench.workload import Workload
+from models.source import cache_dir
+from models.tiny import TinySpec, write_tiny
+
+SPEC = TinySpec(
+    vocab_size=50304,
+    hidden_size=512,
+    intermediate_size=256,
+    num_layers=6,
+    num_heads=8,
+    num_kv_heads=8,
+    num_experts=32,
+    top_k=4,
+    max_position_embeddings=4096,
+)
+WORKLOAD = Workload(num_requests=48, concurrency=16, prompt_len=(8, 96), output_len=(8, 96))
+HTTP_PORT, GRPC_PORT = 18431, 18432
+
+
+def checkpoint() -> str:
+    path = cache_dir() / "bench" / "olmoe-512"
+    if not (path / "model.safetensors").exists():
+        write_tiny("olmoe", path, seed=0, spec=SPEC)
+    return str(path)
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, Python "
+        f"{platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def serve_models(path: str):
+    """A local Serve app with the checkpoint at EP = 2 and EP = 1."""
+    from ray import serve
+
+    from deploy.config import parse_config
+    from deploy.serving import start
+
+    models = [
+        {
+            "name": name,
+            "source": path,
+            "device": "cpu",
+            "expert_parallel_size": ep,
+            "max_model_len": 256,
+            "max_num_seqs": 32,
+            "resources": {"replica_cpus": 0.5, "shard_cpus": 0.5},
+        }
+        for name, ep in (("olmoe-512-ep2", 2), ("olmoe-512-ep1", 1))
+    ]
+    start(
+        parse_config({"http": {"port": HTTP_PORT}, "grpc": {"port": GRPC_PORT}, "models": models})
+    )
+    return serve
+
+
+def online_section(path: str, out: Path) -> dict:
+    import ray
+
+    serve = serve_models(path)
+    try:
+        url = f"http://127.0.0.1:{HTTP_PORT}"
+        ep2 = bench_online(
+            Target("olmoe-512-ep2", url),
+            WORKLOAD,
+            [1, 4, 16],
+            500,
+            out / "online-ep2",
+            baseline_checkpoint=path,
+        )
+        ep1 = bench_online(Target("olmoe-512-ep1", url), WORKLOAD, [16], 500, out / "online-ep1")
+        grpc = bench_online(
+            Target("olmoe-512-ep2", grpc_address=f"127.0.0.1:{GRPC_PORT}"),
+            WORKLOAD,
+            [16],
+            500,
+            out / "online-grpc",
+        )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {"ep2": ep2, "ep1": ep1, "grpc": grpc}
+
+
+def run_report(docs: Path) -> Path:
+    """Run everything; returns the markdown file written."""
+    from deploy.bench.report_markdown import render
+
+    out = docs / "perf"
+    out.mkdir(parents=True, exist_ok=True)
+    path, started = checkpoint(), time.monotonic()
+    engine = {
+        dtype: bench_engine(path, WORKLOAD, dtype, True, out / f"engine-{dtype}.json")
+        for dtype in ("float32", "bfloat16")
+    }
+    steps = [row for ep in (1, 2, 4) for row in measure(path, ep, [1, 16, 64], 32, None, 0.5)]
+    import ray
+
+    ray.shutdown()
+    step_plot(steps, out / "decode_step.png")
+    online = online_section(path, out)
+    markdown = render(machine(), engine, steps, online, time.monotonic() - started)
+    target = docs / "performance.md"
+    target.write_text(markdown)
+    return target
