@@ -8,11 +8,16 @@ import pytest
 
 from tests.helm.crd import CRD_DIR, as_ray_cluster, crd_errors, ray_resources
 
-SAMPLES = sorted(CRD_DIR.glob("sample-*.yaml"))
+# NOTE: named, not globbed: a missing ../shared/kuberay must fail, never skip.
+SAMPLES = [
+    CRD_DIR / "sample-ray-service.llm-serve.yaml",
+    CRD_DIR / "sample-ray-service.sample.yaml",
+]
 
 
 def test_kuberay_samples_are_present():
-    assert len(SAMPLES) >= 2, f"KubeRay samples missing from {CRD_DIR}"
+    missing = [p.name for p in SAMPLES if not p.exists()]
+    assert not missing, f"KubeRay samples missing from {CRD_DIR}: {missing}"
 
 
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
