@@ -16,6 +16,12 @@ def _add_tiny(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", required=True, choices=ARCHS)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        help="open loop: Poisson arrivals per second (online bench only)",
+    )
     defaults = TinySpec()
     for field in (
         "vocab_size",
@@ -64,6 +70,12 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", default="8-96", help="uniform range LOW-HIGH (tokens)")
     p.add_argument("--output-len", default="8-96", help="uniform range LOW-HIGH (tokens)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        help="open loop: Poisson arrivals per second (online bench only)",
+    )
 
 
 def _workload(args: argparse.Namespace):
@@ -75,6 +87,7 @@ def _workload(args: argparse.Namespace):
         parse_range(args.prompt_len),
         parse_range(args.output_len),
         args.seed,
+        args.request_rate,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -105,37 +106,58 @@ async def _grpc_request(stub, target: Target, item: WorkItem, seed: int) -> Requ
 async def run_load(
     target: Target, workload: Workload, items: list[WorkItem], progress=None
 ) -> tuple[float, list[RequestResult]]:
-    """Closed loop at `workload.concurrency` in flight. Wall seconds and per-request results
-    (in workload order)."""
+    """Closed loop (`workload.concurrency` in flight) or, with `workload.request_rate`, open
+    loop (Poisson arrivals, no cap). Wall seconds and per-request results in workload order."""
     results: list[RequestResult | None] = [None] * len(items)
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for index in range(len(items)):
-        queue.put_nowait(index)
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
-    limits = httpx.Limits(max_connections=workload.concurrency + 4)
+    limits = httpx.Limits(
+        max_connections=None if workload.request_rate else workload.concurrency + 4
+    )
     async with (
         httpx.AsyncClient(timeout=600, headers=headers, limits=limits) as client,
         grpc.aio.insecure_channel(target.grpc_address or "localhost:1") as channel,
     ):
         stub = pb_grpc.MoEServingStub(channel)
 
-        async def worker() -> None:
-            while not queue.empty():
-                index = queue.get_nowait()
-                seed = workload.seed + index
-                try:
-                    if target.grpc_address:
-                        results[index] = await _grpc_request(stub, target, items[index], seed)
-                    else:
-                        results[index] = await _http_request(client, target, items[index], seed)
-                except (httpx.HTTPError, OSError) as exc:
-                    results[index] = RequestResult(ok=False, error=repr(exc))
-                if progress is not None:
-                    progress.update(1)
+        async def one(index: int) -> None:
+            seed = workload.seed + index
+            try:
+                if target.grpc_address:
+                    results[index] = await _grpc_request(stub, target, items[index], seed)
+                else:
+                    results[index] = await _http_request(client, target, items[index], seed)
+            except (httpx.HTTPError, OSError) as exc:
+                results[index] = RequestResult(ok=False, error=repr(exc))
+            if progress is not None:
+                progress.update(1)
 
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(workload.concurrency)))
+        if workload.request_rate:
+            await _open_loop(one, len(items), workload.request_rate, workload.seed)
+        else:
+            await _closed_loop(one, len(items), workload.concurrency)
         return time.perf_counter() - start, results
+
+
+async def _closed_loop(one, num_requests: int, concurrency: int) -> None:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(num_requests):
+        queue.put_nowait(index)
+
+    async def worker() -> None:
+        while not queue.empty():
+            await one(queue.get_nowait())
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def _open_loop(one, num_requests: int, rate: float, seed: int) -> None:
+    """Requests arrive as a Poisson process of `rate` per second, whatever is in flight."""
+    rng, tasks = random.Random(seed), []
+    for index in range(num_requests):
+        tasks.append(asyncio.ensure_future(one(index)))
+        await asyncio.sleep(rng.expovariate(rate))  # NOTE: the arrival process itself
+    await asyncio.gather(*tasks)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -187,6 +209,7 @@ def sweep(
         rows.append(
             {
                 "concurrency": concurrency,
+                "request_rate": workload.request_rate,
                 **summarize(seconds, results),
                 "latencies_s": sorted(r.latency_s for r in results if r.ok),
             }

@@ -19,6 +19,7 @@ class Workload:
     prompt_len: tuple[int, int] = (8, 96)
     output_len: tuple[int, int] = (8, 96)
     seed: int = 0
+    request_rate: float | None = None  # requests/s, Poisson; None: closed loop at concurrency
 
     def items(self, vocab_size: int) -> list[WorkItem]:
         """Random token-id prompts (ids below `vocab_size`) with their output lengths."""
