@@ -123,7 +123,10 @@ def run_report(docs: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path, started = checkpoint(), time.monotonic()
     engine = {
-        dtype: bench_engine(path, WORKLOAD, dtype, True, out / f"engine-{dtype}.json")
+        dtype: [
+            bench_engine(path, WORKLOAD, dtype, True, out / f"engine-{dtype}-{run}.json")
+            for run in range(REPEATS)
+        ]
         for dtype in ("float32", "bfloat16")
     }
     steps = [row for ep in (1, 2, 4) for row in measure(path, ep, [1, 16, 64], 32, None, 0.5)]
