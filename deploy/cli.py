@@ -16,12 +16,6 @@ def _add_tiny(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", required=True, choices=ARCHS)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--request-rate",
-        type=float,
-        default=None,
-        help="open loop: Poisson arrivals per second (online bench only)",
-    )
     defaults = TinySpec()
     for field in (
         "vocab_size",
