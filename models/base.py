@@ -134,4 +134,7 @@ class MoeForCausalLM(nn.Module):
             if self.config.tie_word_embeddings
             else self.lm_head.weight
         )
-        return (linear(hidden, weight) / self.config.logits_scaling).float()
+        logits = linear(hidden, weight)
+        if self.config.logits_scaling != 1.0:  # NOTE: a [N, V] pass per step; only Granite sets it
+            logits = logits / self.config.logits_scaling
+        return logits.float()
