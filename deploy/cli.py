@@ -92,6 +92,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     engine.add_argument("--checkpoint", required=True, help="checkpoint directory")
     engine.add_argument("--dtype", default=None, help="float32, bfloat16 (default: checkpoint)")
     engine.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    engine.add_argument(
+        "--engine-threads",
+        type=_positive_int,
+        default=None,
+        help="torch threads for the engine side only (default: torch's)",
+    )
     engine.add_argument("--out", type=Path, help="write the JSON report here")
     _add_workload_args(engine)
     engine.set_defaults(func=_run_bench_engine)
@@ -122,11 +128,23 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     step.set_defaults(func=_run_bench_step)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def _run_bench_engine(args: argparse.Namespace) -> int:
     from deploy.bench.engine_bench import bench_engine
 
     report = bench_engine(
-        args.checkpoint, _workload(args), args.dtype, not args.no_baseline, args.out
+        args.checkpoint,
+        _workload(args),
+        args.dtype,
+        not args.no_baseline,
+        args.out,
+        args.engine_threads,
     )
     print(json.dumps(report, indent=2))
     return 0

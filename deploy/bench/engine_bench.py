@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 from cluster.engine import Engine, EngineConfig
 from cluster.params import SamplingParams
@@ -39,9 +42,25 @@ def run_engine(
     return time.perf_counter() - start, [outputs[str(i)] for i in range(len(items))], steps
 
 
+@contextmanager
+def _num_threads(num: int | None):
+    before = torch.get_num_threads()
+    torch.set_num_threads(num or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def bench_engine(
-    checkpoint: str, workload: Workload, dtype: str | None, baseline: bool, out: Path | None
+    checkpoint: str,
+    workload: Workload,
+    dtype: str | None,
+    baseline: bool,
+    out: Path | None,
+    engine_threads: int | None = None,
 ) -> dict:
+    """`engine_threads` limits the engine side only (the baseline keeps torch's default)."""
     model = load_model(checkpoint, dtype=dtype)
     config = EngineConfig(
         max_model_len=workload.prompt_len[1] + workload.output_len[1],
@@ -51,7 +70,9 @@ def bench_engine(
     items = workload.items(min(model.config.vocab_size, 512))
     num_tokens = sum(item.max_tokens for item in items)
     torch_dtype = resolve_dtype(dtype, model.config)
-    seconds, ours, steps = run_engine(engine, items, workload.concurrency)
+    with _num_threads(engine_threads):
+        threads = torch.get_num_threads()
+        seconds, ours, steps = run_engine(engine, items, workload.concurrency)
     report = {
         "workload": asdict(workload),
         "checkpoint": checkpoint,
@@ -62,6 +83,7 @@ def bench_engine(
             "tokens_per_s": num_tokens / seconds,
             "steps": steps,
             "ms_per_step": 1000 * seconds / steps,
+            "threads": threads,
         },
     }
     if baseline:

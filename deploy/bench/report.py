@@ -36,6 +36,7 @@ SPEC = TinySpec(
 )
 WORKLOAD = Workload(num_requests=48, concurrency=16, prompt_len=(8, 96), output_len=(8, 96))
 HTTP_PORT, GRPC_PORT = 18431, 18432
+ONE_THREAD = "float32, engine on 1 thread"  # NOTE: the served engine actor's share of 2 cores
 REPEATS = 3  # NOTE: engine runs are short; this VM's speed drifts +-30% between minutes
 
 
@@ -129,6 +130,9 @@ def run_report(docs: Path) -> Path:
         ]
         for dtype in ("float32", "bfloat16")
     }
+    engine[ONE_THREAD] = [
+        bench_engine(path, WORKLOAD, "float32", True, out / "engine-float32-1thread.json", 1)
+    ]
     steps = [row for ep in (1, 2, 4) for row in measure(path, ep, [1, 16, 64], 32, None, 0.5)]
     import ray
 

@@ -49,6 +49,14 @@ Profiled with `torch.profiler` and `py-spy` on the decode step (16 sequences):
   processes' load).
 - **Dispatch.** Hidden states and routing travel as one packed byte payload (3 collectives per
   MoE layer: counts, payload, results) instead of four.
+- **Where a decode step goes now** (batch 16, float32, 2 threads, 33-44 ms): matmuls ~21 ms,
+  of which the LM head (50304 x 512, 62% of a decode token's FLOPs) takes ~10 ms at ~84 GFLOP/s
+  and the experts ~2.5 ms per layer (50 MB of weights read at ~20 GB/s; padding them into one
+  `bmm` was 1.6-2.6x slower than the loop); the rest is KV gathers, concatenation and Python.
+  Dividing the strided [16, 50304] logits by `logits_scaling` cost 1-3 ms per step: skipped
+  where the scale is 1. transformers spends ~55 ms per step on the same batch (273 steps in
+  static batches against the engine's 200), so the engine's lead is ~1.6x per step times ~1.4x
+  fewer steps; 3x would need a step near the ~25 ms its matmuls alone take.
 - **Why the served numbers trail the engine's.** In the served setup on 2 cores, py-spy of
   the engine actor under 16 concurrent streams shows 97% of its samples in model compute and its
   main loop idle 0.3%: it is saturated on one core, while Serve's HTTP proxy, the gateway, the
@@ -135,6 +143,13 @@ def _targets(engine_speedup: float, ep2: dict, step16: dict[int, float]) -> str:
     )
 
 
+ONE_THREAD_NOTE = (
+    "The last row runs the engine on one torch thread while transformers keeps both: that is "
+    "the share of this 2-core machine the served engine actor gets (the other core runs "
+    "Serve's HTTP proxy, the gateway, the replica front and Ray), so it bounds the served "
+    "ratio below."
+)
+
 STEP_NOTE = (
     "Shards are Ray actors on the same 2 cores, joined by gloo over loopback. Bytes: "
     "what the dispatch moved per step (payload rows carry 8K bytes of routing besides "
@@ -156,6 +171,8 @@ def render(machine: str, engine: dict, steps: list[dict], online: dict, seconds:
                 "## Engine in-process vs transformers (`moe-serve bench engine`)",
                 "",
                 _engine_table(engine),
+                "",
+                ONE_THREAD_NOTE,
                 "",
                 "## Decode step vs batch and expert parallelism (`moe-serve bench step`)",
                 "",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from deploy.cli import main
 
 
@@ -19,3 +21,16 @@ def test_engine_bench_reports_a_ratio_against_transformers(tiny_dirs, tmp_path, 
     assert report["output_tokens"] > 0 and report["engine"]["steps"] >= 7
     assert report["speedup"] == report["transformers"]["seconds"] / report["engine"]["seconds"]
     assert report["identical_outputs"] == "6/6"
+
+
+def test_engine_threads_limit_the_engine_side_only(tiny_dirs, tmp_path, capsys):
+    before = torch.get_num_threads()
+    args = "--num-requests 2 --concurrency 2 --prompt-len 2-4 --output-len 2-3 --no-baseline"
+    checkpoint = str(tiny_dirs["olmoe"])
+    code = main(
+        ["bench", "engine", "--checkpoint", checkpoint, "--engine-threads", "1", *args.split()]
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["engine"]["threads"] == 1 and "transformers" not in report
+    assert torch.get_num_threads() == before
