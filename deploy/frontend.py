@@ -4,6 +4,7 @@ on the model's replicas as merged streams."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import time
 import uuid
@@ -66,7 +67,8 @@ class Frontend:
         if self.api_key is None:
             return
         scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip(), self.api_key):
+        given = key.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.api_key.encode()):
             raise ApiError(
                 401,
                 "missing or invalid API key (Authorization: Bearer <key>)",
@@ -126,6 +128,21 @@ class Frontend:
                     task.cancel()
                     response.cancel()
 
+    async def started(
+        self, endpoint: ModelEndpoint, prompts: list[list[int]], params: SamplingParams
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """`stream` with its first output awaited here, so that a request the replicas refuse
+        (queue full, replica down, invalid) raises before an HTTP response has started."""
+        outputs = self.stream(endpoint, prompts, params)
+        try:
+            first = await anext(outputs)
+        except StopAsyncIteration:
+            return _chain((), outputs)
+        except BaseException:
+            await outputs.aclose()
+            raise
+        return _chain((first,), outputs)
+
     async def _pump(self, index: int, response, queue: asyncio.Queue) -> None:
         try:
             async for output in response:
@@ -144,18 +161,27 @@ class Frontend:
         runs = [PromptRun(ids) for ids in prompts]
         choices = [ChoiceState() for _ in range(len(prompts) * params.n)]
         tracker = self.metrics.track(endpoint.info.name, prompts)
-        async for index, output in self.stream(endpoint, prompts, params):
-            tracker.on_output(index, output)
-            if output.prompt_logprobs is not None:
-                runs[index].prompt_logprobs = output.prompt_logprobs
-            for delta in output.deltas:
-                state = choices[index * params.n + delta.index]
-                state.text += delta.text
-                state.token_ids.extend(delta.token_ids)
-                state.logprobs.extend(delta.logprobs)
-                state.finish_reason = delta.finish_reason
+        async with contextlib.aclosing(self.stream(endpoint, prompts, params)) as outputs:
+            async for index, output in outputs:
+                tracker.on_output(index, output)
+                if output.prompt_logprobs is not None:
+                    runs[index].prompt_logprobs = output.prompt_logprobs
+                for delta in output.deltas:
+                    state = choices[index * params.n + delta.index]
+                    state.text += delta.text
+                    state.token_ids.extend(delta.token_ids)
+                    state.logprobs.extend(delta.logprobs)
+                    state.finish_reason = delta.finish_reason
         tracker.done()
         return runs, choices
+
+
+async def _chain(first: tuple, rest: AsyncIterator) -> AsyncIterator:
+    async with contextlib.aclosing(rest):
+        for item in first:
+            yield item
+        async for item in rest:
+            yield item
 
 
 def request_id(prefix: str) -> str:

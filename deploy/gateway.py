@@ -76,6 +76,8 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -112,7 +114,7 @@ class Gateway:
         try:
             self.frontend.authorize(request.headers.get("authorization"))
             body = await parse_body(request, body_model)
-            model = body.model
+            model = body.model if body.model in self.frontend.endpoints else "-"  # NOTE: labels
             response = await handler(self.frontend, body)
         except Exception as exc:
             error = as_api_error(exc)

@@ -60,8 +60,7 @@ def _prompt(frontend: Frontend, endpoint: ModelEndpoint, request: pb.GenerateReq
         messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
         if not messages or any(m["role"] not in ("system", "user", "assistant") for m in messages):
             raise RequestError("chat needs messages with roles system, user or assistant")
-        text = endpoint.tokenizer.render_chat(messages)
-        return endpoint.tokenizer.encode(text, add_special_tokens=False)
+        return endpoint.tokenizer.encode_chat(messages)
     raise RequestError("set one of prompt, prompt_token_ids or chat")
 
 

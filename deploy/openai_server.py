@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from cluster.outputs import RequestOutput
 from cluster.params import SamplingParams
 from deploy.errors import ApiError, as_api_error
 from deploy.frontend import Frontend, ModelEndpoint, PromptRun, now, request_id
+from deploy.metrics import RequestTracker
 from deploy.openai_format import (
     SSE_DONE,
     chat_body,
@@ -34,7 +36,9 @@ async def completions(frontend: Frontend, body: CompletionRequest):
     endpoint, params, prompts = _prepare_completion(frontend, body)
     rid, created = request_id("cmpl"), now()
     if body.stream:
-        chunks = _completion_chunks(frontend, endpoint, body, params, prompts, rid, created)
+        tracker = frontend.metrics.track(body.model, prompts)
+        outputs = await frontend.started(endpoint, prompts, params)
+        chunks = _completion_chunks(outputs, tracker, endpoint, body, params, prompts, rid, created)
         return StreamingResponse(chunks, media_type="text/event-stream")
     runs, choices = await frontend.collect(endpoint, prompts, params)
     return JSONResponse(
@@ -53,7 +57,8 @@ async def completions(frontend: Frontend, body: CompletionRequest):
 
 
 async def _completion_chunks(
-    frontend: Frontend,
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    tracker: RequestTracker,
     endpoint: ModelEndpoint,
     body: CompletionRequest,
     params: SamplingParams,
@@ -63,7 +68,6 @@ async def _completion_chunks(
 ) -> AsyncIterator[str]:
     tokenizer, n = endpoint.tokenizer, params.n
     echoed: set[int] = set()
-    tracker = frontend.metrics.track(body.model, prompts)
     num_completion = 0
 
     def chunk(index: int, text: str, logprobs, finish: str | None) -> str:
@@ -80,7 +84,7 @@ async def _completion_chunks(
         )
 
     try:
-        async for prompt_index, output in frontend.stream(endpoint, prompts, params):
+        async for prompt_index, output in outputs:
             tracker.on_output(prompt_index, output)
             for delta in output.deltas:
                 index = prompt_index * n + delta.index
@@ -111,6 +115,8 @@ async def _completion_chunks(
             )
     except Exception as exc:  # NOTE: headers are sent: report in-band
         yield sse(as_api_error(exc).body())
+    finally:
+        await outputs.aclose()
     yield SSE_DONE
 
 
@@ -122,8 +128,7 @@ def _prepare_chat(frontend: Frontend, body: ChatCompletionRequest):
     endpoint = frontend.endpoint(body.model)
     params = body.to_params()
     messages = [m.as_template_input() for m in body.messages]
-    text = endpoint.tokenizer.render_chat(messages, body.add_generation_prompt)
-    prompt = endpoint.tokenizer.encode(text, add_special_tokens=False)
+    prompt = endpoint.tokenizer.encode_chat(messages, body.add_generation_prompt)
     frontend.check(endpoint, [prompt], params)
     return endpoint, params, prompt
 
@@ -132,7 +137,9 @@ async def chat_completions(frontend: Frontend, body: ChatCompletionRequest):
     endpoint, params, prompt = _prepare_chat(frontend, body)
     rid, created = request_id("chatcmpl"), now()
     if body.stream:
-        chunks = _chat_chunks(frontend, endpoint, body, params, prompt, rid, created)
+        tracker = frontend.metrics.track(body.model, [prompt])
+        outputs = await frontend.started(endpoint, [prompt], params)
+        chunks = _chat_chunks(outputs, tracker, endpoint, body, params, prompt, rid, created)
         return StreamingResponse(chunks, media_type="text/event-stream")
     runs, choices = await frontend.collect(endpoint, [prompt], params)
     return JSONResponse(
@@ -141,7 +148,8 @@ async def chat_completions(frontend: Frontend, body: ChatCompletionRequest):
 
 
 async def _chat_chunks(
-    frontend: Frontend,
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    tracker: RequestTracker,
     endpoint: ModelEndpoint,
     body: ChatCompletionRequest,
     params: SamplingParams,
@@ -161,21 +169,20 @@ async def _chat_chunks(
             | (extra or {})
         )
 
-    yield chunk(
-        [
-            {
-                "index": i,
-                "delta": {"role": "assistant", "content": ""},
-                "logprobs": None,
-                "finish_reason": None,
-            }
-            for i in range(params.n)
-        ]
-    )
-    tracker = frontend.metrics.track(body.model, [prompt])
     num_completion = 0
     try:
-        async for _, output in frontend.stream(endpoint, [prompt], params):
+        yield chunk(
+            [
+                {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                for i in range(params.n)
+            ]
+        )
+        async for _, output in outputs:
             tracker.on_output(0, output)
             for delta in output.deltas:
                 num_completion += len(delta.token_ids)
@@ -202,6 +209,8 @@ async def _chat_chunks(
             yield chunk([], {"usage": usage(len(prompt), num_completion)})
     except Exception as exc:  # NOTE: headers are sent: report in-band
         yield sse(as_api_error(exc).body())
+    finally:
+        await outputs.aclose()
     yield SSE_DONE
 
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from cluster.params import MAX_LOGPROBS, RequestError, SamplingParams
 
 TokenId = Annotated[int, Field(ge=0)]
+MAX_PROMPTS = 64  # NOTE: each prompt is its own replica call: bound a request's fan-out
 
 
 class Strict(BaseModel):
@@ -87,6 +88,8 @@ class CompletionRequest(SamplingFields):
             raise RequestError("prompt must not be empty")
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]
+        if len(prompt) > MAX_PROMPTS:
+            raise RequestError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}")
         return list(prompt)
 
     def to_params(self) -> SamplingParams:

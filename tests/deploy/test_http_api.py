@@ -130,6 +130,13 @@ HOSTILE = [
         dict(body={"model": "olmoe", "prompt": "x"}, headers={"Authorization": "Bearer guess"}),
         401,
     ),
+    (
+        "non-ascii api key",
+        dict(body={"model": "olmoe", "prompt": "x"}, headers={"Authorization": "Bearer clé"}),
+        401,
+    ),
+    ("nested too deeply", dict(raw=b'{"model": "olmoe", "prompt": ' + b"[" * 10**5 + b"}"), 400),
+    ("too many prompts", dict(body={"model": "olmoe", "prompt": ["x"] * 65}), 400),
 ]
 HOSTILE_CHAT = [
     ("unknown role", {"model": "olmoe", "messages": [{"role": "robot", "content": "x"}]}, 400),
@@ -145,7 +152,10 @@ HOSTILE_CHAT = [
 
 @pytest.mark.parametrize(("case", "request_args", "status"), HOSTILE, ids=[c[0] for c in HOSTILE])
 def test_hostile_completion_requests(server, case, request_args, status):
-    headers = {"content-type": "application/json"} | request_args.pop("headers", {})
+    headers = {"content-type": "application/json"} | {
+        name: value.encode("latin-1")  # NOTE: as a client may send it, not only ASCII
+        for name, value in request_args.pop("headers", {}).items()
+    }
     response = _post(server, "/v1/completions", headers=headers, **request_args)
     assert response.status_code == status, response.text
     error = response.json()["error"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import grpc
@@ -15,20 +16,34 @@ from protos import moe_serving_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.slow
 
 
-async def _fire(server, model: str, count: int, max_tokens: int) -> list[int]:
+async def _fire(server, model: str, count: int, max_tokens: int, stream=False) -> list[int]:
     body = {"model": model, "prompt": "x y z", "max_tokens": max_tokens, "ignore_eos": True}
     async with httpx.AsyncClient(timeout=300, headers=server.headers) as client:
         responses = await asyncio.gather(
-            *(client.post(f"{server.http}/v1/completions", json=body) for _ in range(count))
+            *(
+                client.post(f"{server.http}/v1/completions", json=body | {"stream": stream})
+                for _ in range(count)
+            )
         )
     for response in responses:
         if response.status_code == 429:
             assert response.json()["error"]["code"] == "queue_full"
+        else:
+            assert not any("error" in body for body in _bodies(response)), response.text
     return [r.status_code for r in responses]
 
 
-def test_full_queue_answers_429_at_once(server):
-    statuses = asyncio.run(_fire(server, "tight", 6, 200))
+def _bodies(response: httpx.Response) -> list[dict]:
+    """The JSON body, or every SSE event's."""
+    if response.headers["content-type"].startswith("text/event-stream"):
+        lines = response.text.splitlines()
+        return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    return [response.json()]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_full_queue_answers_429_at_once(server, stream):
+    statuses = asyncio.run(_fire(server, "tight", 6, 200, stream))
     assert 429 in statuses and 200 in statuses, statuses
     assert set(statuses) <= {200, 429}
 

@@ -83,3 +83,20 @@ def test_sizes_can_be_chosen(tmp_path):
     assert model.config.hidden_size == 48 and model.config.num_experts == 5
     assert model.config.num_experts_per_tok == 3 and model.config.num_layers == 1
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_chat_template_file_wins_and_renders_as_in_transformers(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, path = tiny
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((path / name).read_bytes())
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] }}={{ m | tojson(sort_keys=True) }};{% endfor %}"
+        "{{ bos_token }}{{ strftime_now('%Y') }}"
+    )
+    ours, theirs = TextTokenizer.from_dir(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "Hi ü", "name": "a"}]
+    rendered = ours.render_chat(messages)
+    assert rendered.startswith('user={"content": "Hi ü", "name": "a", "role": "user"};')
+    assert rendered == theirs.apply_chat_template(messages, tokenize=False)
