@@ -4,12 +4,12 @@ plus the metrics hub. `build_app` is the import path Serve config files use:
 
 from __future__ import annotations
 
-import re
+import os
 
 import ray
 from ray.serve import Application
 
-from deploy.config import ModelConfig, ServeConfig, parse_config
+from deploy.config import API_KEY_ENV, ModelConfig, ServeConfig, parse_config
 from deploy.gateway import Gateway
 from deploy.metrics import MetricsHub
 from deploy.model_replica import ModelReplica, gang_bundles
@@ -29,10 +29,6 @@ def is_cuda(model: ModelConfig) -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def deployment_name(model: ModelConfig) -> str:
-    return "model-" + re.sub(r"[^A-Za-z0-9_-]+", "-", model.name)
-
-
 def model_deployment(model: ModelConfig, cuda: bool):
     scaling = model.autoscaling
     autoscaling = {
@@ -47,7 +43,7 @@ def model_deployment(model: ModelConfig, cuda: bool):
     if scaling.initial_replicas is not None:
         autoscaling["initial_replicas"] = scaling.initial_replicas
     return ModelReplica.options(
-        name=deployment_name(model),
+        name=model.deployment_name,
         ray_actor_options={"num_cpus": 0},
         placement_group_bundles=gang_bundles(model, cuda),
         placement_group_strategy="STRICT_PACK" if cuda else "PACK",
@@ -67,4 +63,15 @@ def build_app(args: dict | ServeConfig) -> Application:
     for model in config.models:
         cuda = is_cuda(model)
         handles[model.name] = model_deployment(model, cuda).bind(model.model_dump(), cuda, hub)
-    return Gateway.bind(config.model_dump(), handles, hub)
+    return _gateway(config).bind(config.model_dump(), handles, hub)
+
+
+def _gateway(config: ServeConfig):
+    """The Gateway, given the builder's $MOE_SERVE_API_KEY: the replicas of a cluster joined
+    with RAY_ADDRESS do not inherit the environment of the process that builds the app."""
+    key = os.environ.get(API_KEY_ENV)
+    if config.api_key is not None or not key:
+        return Gateway
+    return Gateway.options(
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {API_KEY_ENV: key}}}
+    )

@@ -7,6 +7,7 @@ Helm chart renders into `serveConfigV2`.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +56,12 @@ class AutoscalingConfig(Strict):
             raise ValueError(
                 f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
             )
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas ({initial}) must lie in [min_replicas, max_replicas] "
+                f"= [{self.min_replicas}, {self.max_replicas}]"
+            )
         return self
 
 
@@ -85,6 +92,11 @@ class ModelConfig(Strict):
     collective_timeout_s: float = Field(30.0, gt=0)
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     resources: ResourcesConfig = ResourcesConfig()
+
+    @property
+    def deployment_name(self) -> str:
+        """The model's Serve deployment (Serve names allow fewer characters than ours)."""
+        return "model-" + re.sub(r"[^A-Za-z0-9_-]+", "-", self.name)
 
     @model_validator(mode="after")
     def _one_kv_budget(self) -> ModelConfig:
@@ -122,10 +134,16 @@ class ServeConfig(Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> ServeConfig:
-        names = [m.name for m in self.models]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"model names must be unique; repeated: {duplicates}")
+        for what, names in (
+            ("model names", [m.name for m in self.models]),
+            (
+                "deployment names (the name with . : / as -)",
+                [m.deployment_name for m in self.models],
+            ),
+        ):
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"{what} must be unique; repeated: {duplicates}")
         return self
 
     def resolved_api_key(self) -> str | None:

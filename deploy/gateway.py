@@ -8,7 +8,6 @@ import logging
 
 import grpc
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, ValidationError
@@ -47,13 +46,6 @@ async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
         exc.status_code, str(exc.detail)
     )
     return JSONResponse(ApiError(exc.status_code, message).body(), status_code=exc.status_code)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    where = ".".join(str(p) for p in first["loc"]) or "request"
-    return JSONResponse(ApiError(400, f"{where}: {first['msg']}").body(), status_code=400)
 
 
 @app.exception_handler(Exception)

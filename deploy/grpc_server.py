@@ -163,8 +163,9 @@ async def generate_stream(
     rid, num_completion, echoed = request_id("gen"), 0, set()
     want = request.HasField("logprobs")
     tracker = frontend.metrics.track(request.model, [prompt])
+    outputs = frontend.stream(endpoint, [prompt], params)
     try:
-        async for _, output in frontend.stream(endpoint, [prompt], params):
+        async for _, output in outputs:
             tracker.on_output(0, output)
             choices = []
             for delta in output.deltas:
@@ -185,6 +186,8 @@ async def generate_stream(
     except Exception as exc:
         _fail(context, exc)
         raise StreamAborted(as_api_error(exc).message) from None
+    finally:
+        await outputs.aclose()
 
 
 def list_models(frontend: Frontend, context) -> pb.ListModelsResponse:

@@ -5,6 +5,7 @@ actor (see `cluster/core.py` for why)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -40,7 +41,7 @@ class ModelReplica:
         gpus, resources = (1 if is_cuda else 0), self.config.resources
         engine_options = {"num_cpus": resources.replica_cpus, "num_gpus": gpus}
         shard_options = {"num_cpus": resources.shard_cpus, "num_gpus": gpus, "num_threads": 1}
-        self.front, self.actor = await asyncio.to_thread(
+        self.front, _ = await asyncio.to_thread(
             create_ray_replica, replica, engine_options, shard_options, resources.torch_threads
         )
         self.hub, self.replica_id = hub, serve.get_replica_context().replica_id.unique_id
@@ -51,11 +52,9 @@ class ModelReplica:
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request; cancelling the call aborts it (its KV blocks are freed)."""
-        async for output in self.front.generate(prompt_ids, params, request_id):
-            yield output
-
-    async def stats(self) -> dict:
-        return await self.front.core.stats()
+        async with contextlib.aclosing(self.front.generate(prompt_ids, params, request_id)) as out:
+            async for output in out:
+                yield output
 
     async def ping(self) -> bool:
         """Answers when the replica can take requests."""
@@ -76,5 +75,6 @@ class ModelReplica:
             await asyncio.sleep(STATS_PERIOD_S)
 
     async def __del__(self) -> None:
-        self._reporter.cancel()
-        await self.front.shutdown()
+        if hasattr(self, "_reporter"):  # NOTE: __init__ may have failed part way
+            self._reporter.cancel()
+            await self.front.shutdown()

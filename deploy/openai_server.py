@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from cluster.outputs import RequestOutput
 from cluster.params import SamplingParams
-from deploy.errors import ApiError, as_api_error
+from deploy.errors import as_api_error
 from deploy.frontend import Frontend, ModelEndpoint, PromptRun, now, request_id
 from deploy.metrics import RequestTracker
 from deploy.openai_format import (
@@ -214,9 +214,4 @@ async def _chat_chunks(
     yield SSE_DONE
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    error = as_api_error(exc)
-    return JSONResponse(error.body(), status_code=error.status)
-
-
-__all__ = ["ApiError", "chat_completions", "completions", "error_response"]
+__all__ = ["chat_completions", "completions"]

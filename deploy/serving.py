@@ -13,7 +13,7 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 
 from deploy.app import APP_NAME, GRPC_SERVICERS, build_app
-from deploy.config import ServeConfig, parse_config
+from deploy.config import API_KEY_ENV, ServeConfig, parse_config
 
 DEMO_ARCHS = ("olmoe", "jetmoe", "granitemoe")
 
@@ -68,7 +68,10 @@ def start(config: ServeConfig) -> None:
 def describe(config: ServeConfig) -> str:
     lines = [
         f"HTTP (OpenAI API)  http://{config.http.host}:{config.http.port}/v1",
-        f"gRPC               {config.http.host}:{config.grpc.port} (moeserving.v1.MoEServing)",
+        f"gRPC               0.0.0.0:{config.grpc.port} (moeserving.v1.MoEServing; Serve's gRPC"
+        " proxy listens on every interface)",
+        "API key            "
+        + ("required" if config.resolved_api_key() else f"none (set api_key or ${API_KEY_ENV})"),
         "models:",
     ]
     lines += [

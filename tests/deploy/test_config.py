@@ -49,6 +49,8 @@ def test_unknown_keys_are_errors_naming_the_key_and_file(tmp_path):
         ("    kv_cache_blocks: 10\n    kv_cache_memory_gb: 1\n", "not both"),
         ("  - name: olmoe\n    source: x\n", "unique"),
         ("    name: bad name\n", None),
+        ("    autoscaling: {max_replicas: 2, initial_replicas: 3}\n", r"initial_replicas \(3\)"),
+        ("  - name: a.b\n    source: x\n  - name: a-b\n    source: x\n", "deployment names"),
     ],
 )
 def test_invalid_values(tmp_path, extra, message):
@@ -89,3 +91,15 @@ def test_replica_config_mapping():
     )
     assert replica.placement == "round_robin" and replica.engine.max_model_len == 1024
     assert replica.engine.kv_cache_bytes == 1 << 29
+
+
+def test_the_builders_api_key_reaches_the_gateway(monkeypatch):
+    from deploy.app import _gateway
+
+    config = parse_config({"models": [{"name": "m", "source": "x"}]})
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert "runtime_env" not in _gateway(config).ray_actor_options
+    monkeypatch.setenv(API_KEY_ENV, "from-the-environment")
+    options = _gateway(config).ray_actor_options
+    assert options["runtime_env"]["env_vars"] == {API_KEY_ENV: "from-the-environment"}
+    assert options["num_cpus"] == 0
