@@ -195,15 +195,14 @@ def _decode_attention(
 
     NOTE: measured on CPU: SDPA over the gathered [Bd, L, Hkv, D] views transposed runs 4x
     slower than over contiguous [Bd, Hkv, L, D], and bf16 SDPA 4x slower than float32, so
-    keys and values are copied once into that layout in float32.
+    keys and values are copied once into that layout (in float32 on CPU).
     """
     mask = meta.decode_mask
     k, v = _gather(cache, meta.block_tables[meta.decode_rows], mask.shape[1])
-    k, v = (
-        x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format) for x in (k, v)
-    )
+    dtype = torch.float32 if q.device.type == "cpu" else q.dtype
+    k, v = (x.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format) for x in (k, v))
     out = F.scaled_dot_product_attention(
-        q.float()[:, :, None, :],
+        q.to(dtype)[:, :, None, :],
         k,
         v,
         attn_mask=mask[:, None, None, :],

@@ -66,9 +66,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, hidden, rope: Rope, meta: AttentionMetadata, cache: LayerKVCache):
         attn = self.self_attn(self.input_layernorm(hidden), rope, meta, cache)
-        hidden = hidden + attn * self.residual_multiplier
+        hidden = torch.add(hidden, attn, alpha=self.residual_multiplier)
         moe = self.mlp(self.post_attention_layernorm(hidden))
-        return hidden + moe * self.residual_multiplier
+        return torch.add(hidden, moe, alpha=self.residual_multiplier)
 
 
 class DecoderModel(nn.Module):

@@ -142,6 +142,7 @@ def load_weights(
             )
         plan[key] = resolved
     parts = _expert_parts(plan.values())
+    _check_plan(plan, parts, model.config.num_experts)
     for path, keys in checkpoint.by_file():
         with safe_open(path, "pt") as f:
             for key in keys:
@@ -169,6 +170,37 @@ def _expert_parts(plan) -> dict[str, tuple[int, ...]]:
         if resolved.kind == "expert":
             parts.setdefault(resolved.target, set()).update(range(resolved.rule.num_parts))
     return {name: tuple(sorted(p)) for name, p in parts.items()}
+
+
+def _check_plan(
+    plan: dict[str, Resolved], parts: dict[str, tuple[int, ...]], num_experts: int
+) -> None:
+    """Before any read: expert ids in range, and no two keys filling the same slot."""
+    filled_by: dict[tuple[str, int, int], str] = {}
+    for key, resolved in plan.items():
+        target = resolved.target
+        if resolved.kind == "dense":
+            if target in parts:
+                raise WeightLoadError(
+                    f"checkpoint tensor {key!r} would fill the expert parameter {target!r} whole"
+                )
+            slots = [(target, -1, -1)]
+        elif resolved.kind == "expert":
+            experts = [resolved.expert] if resolved.expert is not None else range(num_experts)
+            if not all(0 <= e < num_experts for e in experts):
+                raise WeightLoadError(
+                    f"checkpoint tensor {key!r} names expert {resolved.expert}; "
+                    f"the model has {num_experts}"
+                )
+            slots = [(target, e, resolved.rule.part) for e in experts]
+        else:
+            continue
+        for slot in slots:
+            if slot in filled_by:
+                raise WeightLoadError(
+                    f"checkpoint tensors {filled_by[slot]!r} and {key!r} both fill {target!r}"
+                )
+            filled_by[slot] = key
 
 
 def _check_float(key: str, dtype: str) -> None:

@@ -84,6 +84,12 @@ class LocalExperts(BaseExperts):
 
     def __init__(self, config: ModelConfig, expert_ids: Sequence[int]) -> None:
         super().__init__()
+        if len(set(expert_ids)) != len(expert_ids) or not all(
+            0 <= e < config.num_experts for e in expert_ids
+        ):
+            raise ValueError(
+                f"expert_ids must be distinct ids in [0, {config.num_experts}), got {expert_ids}"
+            )
         num_local, hidden, inter = len(expert_ids), config.hidden_size, config.intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * inter, hidden))  # [E, 2I, H]
         self.down_proj = nn.Parameter(torch.empty(num_local, hidden, inter))  # [E, H, I]

@@ -215,3 +215,28 @@ def test_tied_checkpoint_may_carry_a_redundant_lm_head(tmp_path):
     write_hf_checkpoint("olmoe", untied, **OVERRIDES["olmoe"])
     with pytest.raises(WeightLoadError, match=r"lm_head\.weight"):
         load_model(_rewrite(untied, tmp_path / "no-head", lambda t: t.pop("lm_head.weight")))
+
+
+def test_an_expert_id_beyond_the_model_is_an_error(tmp_path):
+    path = tmp_path / "olmoe"
+    write_hf_checkpoint("olmoe", path, **OVERRIDES["olmoe"])
+    key = "model.layers.0.mlp.experts.6.down_proj.weight"  # NOTE: the model has experts 0-5
+
+    def edit(t):
+        t[key] = t["model.layers.0.mlp.experts.5.down_proj.weight"].clone()
+
+    with pytest.raises(WeightLoadError, match=r"experts\.6\.down_proj.*names expert 6"):
+        load_model(_rewrite(path, tmp_path / "seven", edit))
+
+
+def test_two_keys_filling_one_parameter_is_an_error(tmp_path):
+    path = tmp_path / "jetmoe"
+    write_hf_checkpoint("jetmoe", path, **OVERRIDES["jetmoe"])
+    original = "model.layers.0.self_attention.kv_proj.weight"
+    renamed = "model.layers.0.self_attn.kv_proj.weight"  # NOTE: what `original` is renamed to
+
+    def edit(t):
+        t[renamed] = t[original].clone()
+
+    with pytest.raises(WeightLoadError, match="both fill"):
+        load_model(_rewrite(path, tmp_path / "twice", edit))

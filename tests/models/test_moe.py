@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -89,3 +90,9 @@ def test_router_rules():
     ids, weights = granite(hidden)
     assert torch.equal(ids, expected_ids)
     torch.testing.assert_close(weights, torch.softmax(logits.topk(K).values, -1))
+
+
+@pytest.mark.parametrize("expert_ids", [(0, 0), (E,), (-1, 2)])
+def test_expert_ids_must_be_distinct_and_in_range(expert_ids):
+    with pytest.raises(ValueError, match="distinct ids"):
+        LocalExperts(_config(), expert_ids)
