@@ -43,29 +43,35 @@ class ExpertShardActor:
         return self.shard.serve(transport)
 
 
-def _wait_ready(actors: list, timeout_s: float, options: dict) -> list[dict]:
-    """Each shard's `ready()`, warning while some cannot be placed or are still loading."""
+def _wait_ready(actors: list, timeout_s: float, resources: str) -> list[dict]:
+    """Each shard's `ready()`. The first shard that fails to load fails the launch at once;
+    every shard is killed when the launch fails."""
     refs = [actor.ready.remote() for actor in actors]
     deadline = time.monotonic() + timeout_s
-    pending = list(refs)
-    while pending:
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=30.0)
-        if pending and time.monotonic() > deadline:
-            for actor in actors:
-                ray.kill(actor, no_restart=True)
-            raise TimeoutError(
-                f"{len(pending)} of {len(refs)} expert shards were not ready after "
-                f"{timeout_s:.0f}s (each asks for {options['num_cpus']} CPU, "
-                f"{options['num_gpus']} GPU): not enough resources, or loading "
-                "is too slow"
-            )
-        if pending:
-            log.warning(
-                "%d of %d expert shards not ready yet (placement or loading)",
-                len(pending),
-                len(refs),
-            )
-    return ray.get(refs)
+    ready, pending = {}, list(refs)
+    try:
+        while pending:
+            wait_s = max(0.0, min(30.0, deadline - time.monotonic()))
+            done, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
+            for ref in done:
+                ready[ref] = ray.get(ref)
+            if pending and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{len(pending)} of {len(refs)} expert shards were not ready after "
+                    f"{timeout_s:.0f}s (each asks for {resources}): not enough resources, "
+                    "or loading is too slow"
+                )
+            if pending and not done:
+                log.warning(
+                    "%d of %d expert shards not ready yet (placement or loading)",
+                    len(pending),
+                    len(refs),
+                )
+    except BaseException:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        raise
+    return [ready[ref] for ref in refs]
 
 
 class RayShardLauncher(ShardLauncher):
@@ -98,7 +104,12 @@ class RayShardLauncher(ShardLauncher):
             ExpertShardActor.options(**self._options(i)).remote(spec, ids, self.num_threads)
             for i, ids in enumerate(shard_expert_ids)
         ]
-        ready = _wait_ready(self.actors, spec.load_timeout_s, self._options(0))
+        resources = f"{self.num_cpus} CPU, {self.num_gpus} GPU"
+        try:
+            ready = _wait_ready(self.actors, spec.load_timeout_s, resources)
+        except BaseException:
+            self.actors = []
+            raise
         self.summaries = [r["parameters"] for r in ready]
         self.pids = [r["pid"] for r in ready]
         world_size = len(self.actors) + 1

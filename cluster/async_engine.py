@@ -94,6 +94,7 @@ class AsyncEngine:
             self._task = loop.create_task(
                 self._run(), name="engine-driver", context=contextvars.Context()
             )
+            self._task.add_done_callback(self._on_driver_exit)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
@@ -139,36 +140,34 @@ class AsyncEngine:
         # NOTE: PIPELINE_DEPTH steps stay queued on the core, so it never idles while this loop
         # routes outputs or a call travels (measured: the served engine idled ~1/3 otherwise).
         pending: deque[asyncio.Future] = deque()
-        while True:
-            if not pending and not self._has_work():
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), self.idle_tick_s)
-                except TimeoutError:
-                    await self._call_idle()
-                self._wakeup.clear()
-                continue
-            while len(pending) < PIPELINE_DEPTH and (self._has_work() or not pending):
-                pending.append(
-                    asyncio.ensure_future(self.core.step(StepInput(self._new, self._aborts)))
-                )
-                self._new, self._aborts = [], []
-            try:
-                result = await pending.popleft()
-            except Exception as exc:  # NOTE: the core (actor) itself failed
-                log.exception("engine core step failed")
-                for future in pending:
-                    future.cancel()
-                self.error = exc
-                self._fail_all(EngineStepError(f"the engine core failed: {exc}"))
-                return
-            self._route(result)
-
-    async def _call_idle(self) -> None:
         try:
-            await self.core.idle()
-        except Exception as exc:
-            log.exception("engine core idle call failed")
-            self.error = exc
+            while True:
+                if not pending and not self._has_work():
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), self.idle_tick_s)
+                    except TimeoutError:
+                        await self.core.idle()
+                    self._wakeup.clear()
+                    continue
+                while len(pending) < PIPELINE_DEPTH and (self._has_work() or not pending):
+                    pending.append(
+                        asyncio.ensure_future(self.core.step(StepInput(self._new, self._aborts)))
+                    )
+                    self._new, self._aborts = [], []
+                self._route(await pending.popleft())
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def _on_driver_exit(self, task: asyncio.Task) -> None:
+        """The driver only ends by cancellation (shutdown) or when the core itself failed:
+        then every stream gets the error and the replica reports itself unhealthy."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("the engine core failed: %s", exc, exc_info=exc)
+        self.error = exc
+        self._fail_all(EngineStepError(f"the engine core failed: {exc}"))
 
     def _route(self, result: StepOutput) -> None:
         self._has_unfinished = result.has_unfinished

@@ -90,6 +90,9 @@ class EngineCore:
             wanted=(lambda n: not is_mlp_expert(n)) if is_parallel else (lambda n: True),
         )
         self.tokenizer = TextTokenizer.from_dir(config.checkpoint)
+        # NOTE: before any shard starts: a bad engine config fails fast, and the shards' first
+        # collective does not wait for the KV cache allocation
+        self.engine = Engine(model, self.tokenizer, config.engine)
         self.dispatcher: Dispatcher | None = None
         if is_parallel:
             if launcher is None:
@@ -101,7 +104,6 @@ class EngineCore:
             self.dispatcher = Dispatcher(self.placement, model)
             install_expert_parallel(model, self.dispatcher)
             self._connect()
-        self.engine = Engine(model, self.tokenizer, config.engine)
 
     def _connect(self) -> None:
         host, world_size = local_ip(), self.config.expert_parallel_size + 1
@@ -122,8 +124,8 @@ class EngineCore:
 
     def _rebuild(self, error: BaseException) -> None:
         log.warning("rebuilding expert shards after: %s", error)
+        self._disconnect()
         self.launcher.stop()
-        self.dispatcher.transport = None
         self._connect()
         self.num_rebuilds += 1
 
@@ -179,4 +181,10 @@ class EngineCore:
                 self.dispatcher.stop()
         except Exception as exc:  # NOTE: shards already gone: nothing to tell them
             log.info("shards did not take STOP: %s", exc)
+        self._disconnect()
         self.launcher.stop()
+
+    def _disconnect(self) -> None:
+        if self.dispatcher.transport is not None:
+            self.dispatcher.transport.close()
+            self.dispatcher.transport = None

@@ -72,6 +72,12 @@ class Engine:
         config = config or EngineConfig()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill, max_num_batched_tokens "
+                f"({config.max_num_batched_tokens}) must be at least max_model_len "
+                f"({self.max_model_len}): a longer prompt could never be scheduled"
+            )
         num_blocks = _num_blocks(config, model, self.max_model_len)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(

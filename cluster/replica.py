@@ -36,5 +36,9 @@ def create_ray_replica(
             placement_group=group, placement_group_bundle_index=0
         )
     actor = EngineActor.options(**options).remote(config, shard_options, engine_threads)
-    limits = ray.get(actor.start.remote())  # NOTE: surfaces load errors here
+    try:
+        limits = ray.get(actor.start.remote())  # NOTE: surfaces load errors here
+    except BaseException:
+        ray.kill(actor, no_restart=True)  # NOTE: its shard actors go with it
+        raise
     return AsyncEngine(RayCore(actor), limits, config.idle_ping_s), actor

@@ -39,7 +39,10 @@ def local_ip() -> str:
             return ray.util.get_node_ip_address()
     except ImportError:  # NOTE: Ray is optional below deploy/
         pass
-    return socket.gethostbyname(socket.gethostname()) if socket.gethostname() else "127.0.0.1"
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:  # NOTE: a hostname that does not resolve (common in containers)
+        return "127.0.0.1"
 
 
 class CollectiveTransport:
@@ -124,4 +127,8 @@ class CollectiveTransport:
         return recv.tolist()
 
     def close(self) -> None:
+        """Leave the group. NCCL communicators are aborted: with a dead peer, a plain
+        teardown would wait on collectives that never finish."""
+        if self.device.type == "cuda":
+            self.group.abort()
         self.group = None

@@ -251,3 +251,12 @@ def test_async_stream_and_abort_on_early_exit(tiny_dirs):
     asyncio.run(scenario())
     assert not engine.has_unfinished
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_without_chunked_prefill_the_token_budget_must_hold_a_whole_prompt(tiny_dirs):
+    with pytest.raises(ValueError, match="could never be scheduled"):
+        make_engine(tiny_dirs["olmoe"], enable_chunked_prefill=False, max_num_batched_tokens=64)
+    engine = make_engine(
+        tiny_dirs["olmoe"], enable_chunked_prefill=False, max_num_batched_tokens=256
+    )
+    assert not engine.scheduler.config.enable_chunked_prefill

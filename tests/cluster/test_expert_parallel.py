@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
+import shutil
 import signal
 import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from cluster.async_engine import EngineStepError
 from cluster.core import ReplicaConfig
@@ -220,3 +223,32 @@ def test_idle_shards_outlive_the_collective_timeout(tiny_dirs, ray_cluster):
 
     outputs, stats = run_ray_replica(config, scenario)
     assert all(len(o) == 24 for o in outputs) and stats["num_rebuilds"] == 0
+
+
+def _alive_actor_ids() -> set[str]:
+    from ray._private.state import actors
+
+    return {
+        actor_id
+        for actor_id, info in actors().items()
+        if info["State"] != "DEAD" and info["ActorClassName"] in ("EngineActor", "ExpertShardActor")
+    }
+
+
+def test_a_shard_that_cannot_load_fails_the_replica_and_leaves_no_actor(
+    tiny_dirs, ray_cluster, tmp_path
+):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dirs["olmoe"], broken)
+    tensors = load_file(broken / "model.safetensors")
+    key = next(k for k in sorted(tensors) if ".mlp.experts." in k)  # NOTE: shards read it only
+    tensors[key] = tensors[key][..., :-1].contiguous()
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    before = _alive_actor_ids()
+    config = ReplicaConfig(str(broken), expert_parallel_size=2, engine=ENGINE)
+    with pytest.raises(Exception, match=re.escape(key)):
+        create_ray_replica(config, {"num_cpus": 0.5}, SHARDS)
+    deadline = time.monotonic() + 30  # NOTE: ray.kill is asynchronous: wait for the GCS to see it
+    while _alive_actor_ids() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive_actor_ids() - before
