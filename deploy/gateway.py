@@ -29,6 +29,7 @@ from models.tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 << 20
 HEALTH_TIMEOUT_S = 5.0
+READY_WITHIN_S = 10.0  # NOTE: replicas report every 2 s
 WATCH_PERIOD_S = 5.0
 HEALTH_SERVICES = ("", "moeserving.v1.MoEServing")
 
@@ -134,17 +135,23 @@ class Gateway:
 
     @app.get("/health")
     async def health(self):
-        """200 when every model has a replica that answers; 503 naming those that do not."""
-        names = list(self.frontend.endpoints)
-        results = await asyncio.gather(*(self._ping(n) for n in names), return_exceptions=True)
-        down = [n for n, ok in zip(names, results, strict=True) if ok is not True]
+        """200 when every model has a live replica; 503 naming those that have none."""
+        down = await self._down_models()
         if down:
             return JSONResponse(ApiError(503, f"models not ready: {down}").body(), status_code=503)
-        return {"status": "ok", "models": names}
+        return {"status": "ok", "models": list(self.frontend.endpoints)}
 
-    async def _ping(self, name: str) -> bool:
-        handle = self.frontend.endpoints[name].handle
-        return await asyncio.wait_for(handle.ping.remote(), HEALTH_TIMEOUT_S)
+    async def _down_models(self) -> list[str]:
+        """Models with no replica whose engine reported in the last READY_WITHIN_S seconds.
+        NOTE: from the replicas' periodic reports, not a call to them: a call would queue
+        behind the generation requests of a busy replica and time out exactly under load."""
+        try:
+            call = self.hub.ready_models.remote(READY_WITHIN_S)
+            ready = set(await asyncio.wait_for(call, HEALTH_TIMEOUT_S))
+        except Exception as exc:
+            log.warning("the metrics hub did not answer a health check: %s", exc)
+            ready = set()
+        return [name for name in self.frontend.endpoints if name not in ready]
 
     @app.get("/metrics")
     async def metrics(self):
@@ -174,6 +181,11 @@ class Gateway:
 
     async def Watch(self, request, grpc_context=None):
         """grpc.health.v1.Health/Watch: the status now, then each change."""
+        if request.service not in HEALTH_SERVICES:
+            yield health_pb2.HealthCheckResponse(
+                status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            )
+            return
         last = None
         while True:
             status = await self._serving_status()
@@ -183,11 +195,6 @@ class Gateway:
             await asyncio.sleep(WATCH_PERIOD_S)
 
     async def _serving_status(self) -> int:
-        names = list(self.frontend.endpoints)
-        results = await asyncio.gather(*(self._ping(n) for n in names), return_exceptions=True)
-        serving = all(ok is True for ok in results)
-        return (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        if await self._down_models():
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse.SERVING

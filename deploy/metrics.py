@@ -25,6 +25,11 @@ class MetricsHub:
     def report(self, model: str, replica: str, stats: dict) -> None:
         self.latest[(model, replica)] = (time.monotonic(), stats)
 
+    def ready_models(self, within_s: float) -> list[str]:
+        """Models with a replica heard from in the last `within_s` seconds."""
+        cutoff = time.monotonic() - within_s
+        return sorted({model for (model, _), (at, _) in self.latest.items() if at >= cutoff})
+
     def snapshot(self) -> list[tuple[str, str, dict]]:
         """Stats of the replicas heard from in the last STALE_AFTER_S seconds."""
         cutoff = time.monotonic() - STALE_AFTER_S

@@ -56,11 +56,6 @@ class ModelReplica:
             async for output in out:
                 yield output
 
-    async def ping(self) -> bool:
-        """Answers when the replica can take requests."""
-        await self.check_health()
-        return True
-
     async def check_health(self) -> None:
         if self.front.error is not None:
             raise RuntimeError(f"the engine actor failed: {self.front.error}")
@@ -68,6 +63,7 @@ class ModelReplica:
     async def _report(self) -> None:
         while True:
             try:
+                await self.check_health()  # NOTE: a dead engine stops reporting: not ready
                 stats = await self.front.core.stats()
                 await self.hub.report.remote(self.config.name, self.replica_id, stats)
             except Exception as exc:  # NOTE: metrics must never take serving down

@@ -107,3 +107,8 @@ def test_health_service(channel):
     with pytest.raises(grpc.RpcError) as error:
         health.Check(health_pb2.HealthCheckRequest(service="other.Service"))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    watch = health.Watch(health_pb2.HealthCheckRequest())
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    unknown = health.Watch(health_pb2.HealthCheckRequest(service="other.Service"))
+    assert [r.status for r in unknown] == [health_pb2.HealthCheckResponse.SERVICE_UNKNOWN]

@@ -48,6 +48,19 @@ def test_full_queue_answers_429_at_once(server, stream):
     assert set(statuses) <= {200, 429}
 
 
+def test_health_stays_ok_while_a_model_is_saturated(server):
+    async def burst_and_probe():
+        burst = asyncio.ensure_future(_fire(server, "tight", 4, 500))
+        async with httpx.AsyncClient(timeout=60) as client:
+            while not burst.done():  # NOTE: probe for the whole burst
+                response = await client.get(f"{server.http}/health")
+                assert response.status_code == 200, response.text
+        return await burst
+
+    statuses = asyncio.run(burst_and_probe())
+    assert 429 in statuses  # NOTE: the model was saturated while /health answered 200
+
+
 def test_full_queue_is_resource_exhausted_over_grpc(server):
     request = pb.GenerateRequest(model="tight", prompt="x", max_tokens=200, ignore_eos=True)
     metadata = [("authorization", f"Bearer {server.api_key}")]
