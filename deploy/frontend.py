@@ -75,6 +75,11 @@ class Frontend:
                 code="invalid_api_key",
             )
 
+    def count(self, model: str, api: str, status: int) -> None:
+        """One finished API request; a name no model has is counted as "-" (clients choose
+        it: it must not become a metric label)."""
+        self.metrics.count(model if model in self.endpoints else "-", api, status)
+
     def endpoint(self, name: str) -> ModelEndpoint:
         endpoint = self.endpoints.get(name)
         if endpoint is None:

@@ -107,13 +107,13 @@ class Gateway:
         try:
             self.frontend.authorize(request.headers.get("authorization"))
             body = await parse_body(request, body_model)
-            model = body.model if body.model in self.frontend.endpoints else "-"  # NOTE: labels
+            model = body.model
             response = await handler(self.frontend, body)
         except Exception as exc:
             error = as_api_error(exc)
-            self.frontend.metrics.count(model, api, error.status)
+            self.frontend.count(model, api, error.status)
             return JSONResponse(error.body(), status_code=error.status)
-        self.frontend.metrics.count(model, api, 200)
+        self.frontend.count(model, api, 200)
         return response
 
     @app.post("/v1/completions")

@@ -66,7 +66,10 @@ def _prompt(frontend: Frontend, endpoint: ModelEndpoint, request: pb.GenerateReq
 
 def _prepare(frontend: Frontend, request: pb.GenerateRequest):
     endpoint = frontend.endpoint(request.model)
-    params = _params(request, request.WhichOneof("input") == "chat")
+    is_chat = request.WhichOneof("input") == "chat"
+    if is_chat and request.echo:
+        raise RequestError("echo applies to prompt and prompt_token_ids, not to chat")
+    params = _params(request, is_chat)
     prompt = _prompt(frontend, endpoint, request)
     frontend.check(endpoint, [prompt], params)
     return endpoint, params, prompt
@@ -126,10 +129,12 @@ class StreamAborted(RuntimeError):
     set before an exception; with nothing yielded, a plain return would end with OK)."""
 
 
-def _fail(context, exc: BaseException) -> None:
+def _fail(frontend: Frontend, model: str, api: str, context, exc: BaseException) -> ApiError:
     error = as_api_error(exc)
     context.set_code(error.grpc_code)
     context.set_details(error.message)
+    frontend.count(model, api, error.status)
+    return error
 
 
 async def generate(frontend: Frontend, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
@@ -138,8 +143,9 @@ async def generate(frontend: Frontend, request: pb.GenerateRequest, context) -> 
         endpoint, params, prompt = _prepare(frontend, request)
         runs, choices = await frontend.collect(endpoint, [prompt], params)
     except Exception as exc:
-        _fail(context, exc)
+        _fail(frontend, request.model, "grpc_generate", context, exc)
         return pb.GenerateResponse()
+    frontend.count(request.model, "grpc_generate", 200)
     echo = runs[0] if request.echo else None
     want = request.HasField("logprobs")
     num_completion = sum(len(c.token_ids) for c in choices)
@@ -158,8 +164,8 @@ async def generate_stream(
         authorize(frontend, context)
         endpoint, params, prompt = _prepare(frontend, request)
     except Exception as exc:
-        _fail(context, exc)
-        raise StreamAborted(as_api_error(exc).message) from None
+        error = _fail(frontend, request.model, "grpc_generate_stream", context, exc)
+        raise StreamAborted(error.message) from None
     rid, num_completion, echoed = request_id("gen"), 0, set()
     want = request.HasField("logprobs")
     tracker = frontend.metrics.track(request.model, [prompt])
@@ -183,9 +189,10 @@ async def generate_stream(
         yield pb.GenerateStreamResponse(
             id=rid, model=request.model, usage=_usage(len(prompt), num_completion)
         )
+        frontend.count(request.model, "grpc_generate_stream", 200)
     except Exception as exc:
-        _fail(context, exc)
-        raise StreamAborted(as_api_error(exc).message) from None
+        error = _fail(frontend, request.model, "grpc_generate_stream", context, exc)
+        raise StreamAborted(error.message) from None
     finally:
         await outputs.aclose()
 
@@ -194,7 +201,7 @@ def list_models(frontend: Frontend, context) -> pb.ListModelsResponse:
     try:
         authorize(frontend, context)
     except ApiError as exc:
-        _fail(context, exc)
+        _fail(frontend, "-", "grpc_list_models", context, exc)
         return pb.ListModelsResponse()
     return pb.ListModelsResponse(
         models=[

@@ -97,26 +97,27 @@ class RequestTracker:
     def __init__(self, metrics: GatewayMetrics, model: str, prompts: list[list[int]]) -> None:
         self.metrics, self.model = metrics, model
         self.start = time.monotonic()
-        self.first: dict[int, float] = {}
-        self.tokens: dict[int, int] = {}
+        self.first: dict[tuple[int, int], float] = {}  # (prompt, choice) -> first token time
+        self.tokens: dict[tuple[int, int], int] = {}
         metrics.prompt_tokens.labels(model).inc(sum(len(p) for p in prompts))
 
     def on_output(self, index: int, output: RequestOutput) -> None:
-        new = sum(len(d.token_ids) for d in output.deltas)
-        if new and index not in self.first:
-            self.first[index] = time.monotonic()
-            self.metrics.ttft.labels(self.model).observe(self.first[index] - self.start)
-        self.tokens[index] = self.tokens.get(index, 0) + new
-        self.metrics.generation_tokens.labels(self.model).inc(new)
+        now = time.monotonic()
+        for delta in output.deltas:
+            key, new = (index, delta.index), len(delta.token_ids)
+            if new and key not in self.first:
+                self.first[key] = now
+                if delta.index == 0:  # NOTE: TTFT once per prompt; its n samples start together
+                    self.metrics.ttft.labels(self.model).observe(now - self.start)
+            self.tokens[key] = self.tokens.get(key, 0) + new
+            self.metrics.generation_tokens.labels(self.model).inc(new)
 
     def done(self) -> None:
         end = time.monotonic()
         self.metrics.latency.labels(self.model).observe(end - self.start)
-        for index, first in self.first.items():
-            if self.tokens[index] > 1:
-                self.metrics.tpot.labels(self.model).observe(
-                    (end - first) / (self.tokens[index] - 1)
-                )
+        for key, first in self.first.items():
+            if self.tokens[key] > 1:
+                self.metrics.tpot.labels(self.model).observe((end - first) / (self.tokens[key] - 1))
 
 
 class GatewayMetrics:

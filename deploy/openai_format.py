@@ -29,13 +29,13 @@ class CompletionLogprobs:
     """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs,
     text_offset (offsets count from the start of the choice's text)."""
 
-    def __init__(self, tokenizer: TextTokenizer) -> None:
+    def __init__(self, tokenizer: TextTokenizer, offset: int = 0) -> None:
         self.tokenizer = tokenizer
         self.tokens: list[str] = []
         self.token_logprobs: list[float | None] = []
         self.top_logprobs: list[dict[str, float] | None] = []
         self.text_offset: list[int] = []
-        self.offset = 0
+        self.offset = offset
 
     def add(self, token_id: int, entry: TokenLogprobs | None) -> None:
         text = self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -59,10 +59,14 @@ class CompletionLogprobs:
 
 
 def completion_logprobs(
-    tokenizer: TextTokenizer, run: PromptRun | None, logprobs: list[TokenLogprobs]
+    tokenizer: TextTokenizer,
+    run: PromptRun | None,
+    logprobs: list[TokenLogprobs],
+    offset: int = 0,
 ) -> dict[str, list]:
-    """Logprobs of (the echoed prompt, when `run` is given, then) the generated tokens."""
-    out = CompletionLogprobs(tokenizer)
+    """Logprobs of (the echoed prompt, when `run` is given, then) the generated tokens;
+    `offset`: where they start in the choice's text (a stream's earlier chunks)."""
+    out = CompletionLogprobs(tokenizer, offset)
     if run is not None:
         entries = run.prompt_logprobs or (None,) * len(run.prompt_ids)
         for token_id, entry in zip(run.prompt_ids, entries, strict=True):

@@ -68,6 +68,7 @@ async def _completion_chunks(
 ) -> AsyncIterator[str]:
     tokenizer, n = endpoint.tokenizer, params.n
     echoed: set[int] = set()
+    offsets: dict[int, int] = {}  # choice -> text_offset of its next logprobs token
     num_completion = 0
 
     def chunk(index: int, text: str, logprobs, finish: str | None) -> str:
@@ -94,11 +95,11 @@ async def _completion_chunks(
                     echoed.add(index)
                     prompt_text = tokenizer.decode(prompts[prompt_index], skip_special_tokens=False)
                     text, run = prompt_text + text, _echo_run(prompts[prompt_index], output)
-                logprobs = (
-                    completion_logprobs(tokenizer, run, list(delta.logprobs))
-                    if body.logprobs is not None
-                    else None
-                )
+                logprobs = None
+                if body.logprobs is not None:
+                    start = offsets.get(index, 0)
+                    logprobs = completion_logprobs(tokenizer, run, list(delta.logprobs), start)
+                    offsets[index] = start + sum(map(len, logprobs["tokens"]))
                 if text or logprobs or delta.finish_reason:  # NOTE: else a partial character
                     yield chunk(index, text, logprobs, delta.finish_reason)
         tracker.done()

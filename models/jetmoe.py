@@ -18,21 +18,13 @@ from models.attention import AttentionMetadata, LayerKVCache, paged_attention
 from models.base import MoeForCausalLM, Rope
 from models.config import ModelConfig, read_dtype, read_eos, read_rope
 from models.layers import Linear, apply_rotary
-from models.moe import Router, group_by_expert, grouped_linear
+from models.moe import Router, combine_by_token, group_by_expert, grouped_linear
 from models.weights import ExpertTensor, WeightNameMap
 
 _MLP = r"model\.layers\.(?P<layer>\d+)\.mlp\."
 _TARGET = "model.layers.{layer}.mlp.experts."
 # NOTE: transformers builds JetMoE's decoder-layer norms with their default eps.
 _LAYER_NORM_EPS = 1e-6
-
-
-def expert_linear(x: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [N, in], expert_ids [N], weight [E, out, in] -> [N, out], one matmul per expert."""
-    order, counts = group_by_expert(expert_ids, weight.shape[0])
-    out = x.new_empty(x.shape[0], weight.shape[1])
-    out[order] = grouped_linear(x[order], counts, weight)
-    return out
 
 
 class StackedLinear(nn.Module):
@@ -70,10 +62,9 @@ class MixtureOfAttention(nn.Module):
         num_tokens, top_k = hidden.shape[0], cfg.num_experts_per_tok
         num_kv, dim = cfg.num_kv_heads, cfg.head_dim
         topk_ids, topk_weights = experts.gate(hidden)  # [T, K]
-        flat_ids = topk_ids.flatten()  # [T*K]
-        q = expert_linear(
-            hidden.repeat_interleave(top_k, 0), flat_ids, experts.input_linear.weight
-        )  # [T*K, Hkv*D]
+        order, counts = group_by_expert(topk_ids.flatten(), cfg.num_attention_experts)
+        q = hidden.new_empty(num_tokens * top_k, num_kv * dim)  # [T*K, Hkv*D]
+        q[order] = grouped_linear(hidden[order // top_k], counts, experts.input_linear.weight)
         k, v = self.kv_proj(hidden).chunk(2, dim=-1)
         q = apply_rotary(q.view(num_tokens, top_k * num_kv, dim), *rope)
         k = apply_rotary(k.reshape(num_tokens, num_kv, dim), *rope)
@@ -82,11 +73,9 @@ class MixtureOfAttention(nn.Module):
         q = q.view(num_tokens, top_k, num_kv, dim).transpose(1, 2).reshape(num_tokens, -1, dim)
         out = paged_attention(q, k, v, cache, meta, cfg.scale)  # [T, Hkv*K, D]
         out = out.view(num_tokens, num_kv, top_k, dim).transpose(1, 2)  # [T, K, Hkv, D]
-        out = expert_linear(
-            out.reshape(num_tokens * top_k, -1), flat_ids, experts.output_linear.weight
-        )  # [T*K, H]
-        out = (out.view(num_tokens, top_k, -1) * topk_weights[..., None]).sum(dim=1)
-        return out + experts.bias
+        out = out.reshape(num_tokens * top_k, -1)[order]  # [N, Hkv*D], grouped by expert
+        out = grouped_linear(out, counts, experts.output_linear.weight)  # [N, H]
+        return combine_by_token(out, order, topk_weights, num_tokens) + experts.bias
 
 
 class JetMoeForCausalLM(MoeForCausalLM):

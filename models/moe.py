@@ -75,6 +75,16 @@ def grouped_linear(x: torch.Tensor, counts: list[int], weight: torch.Tensor) -> 
     return torch.cat(outs) if outs else x.new_empty(0, weight.shape[1])
 
 
+def combine_by_token(
+    out: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """Expert outputs [N, H] in `order` (indices into the flattened [T, K] routing) -> the
+    routing-weighted sum per token [T, H]."""
+    out = out * topk_weights.flatten()[order, None]
+    top_k = topk_weights.shape[1]
+    return out.new_zeros(num_tokens, out.shape[1]).index_add_(0, order // top_k, out)
+
+
 class LocalExperts(BaseExperts):
     """A set of SwiGLU-style experts held in-process, computed grouped by expert.
 
@@ -106,13 +116,11 @@ class LocalExperts(BaseExperts):
             self.row_of = self.row_of.to(topk_ids.device)
         rows = self.row_of[topk_ids.flatten()]  # [T*K]
         order, counts = group_by_expert(rows, len(self.expert_ids))
-        token_ids = order // top_k
         inter = self.down_proj.shape[2]
-        gate_up = grouped_linear(hidden[token_ids], counts, self.gate_up_proj)  # [N, 2I]
+        gate_up = grouped_linear(hidden[order // top_k], counts, self.gate_up_proj)  # [N, 2I]
         act = self.act(gate_up[:, :inter]) * gate_up[:, inter:]  # [N, I]
         out = grouped_linear(act, counts, self.down_proj)  # [N, H]
-        out *= topk_weights.flatten()[order, None]
-        return torch.zeros_like(hidden).index_add_(0, token_ids, out)
+        return combine_by_token(out, order, topk_weights, hidden.shape[0])
 
 
 class MoeBlock(nn.Module):

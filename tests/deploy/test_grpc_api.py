@@ -85,6 +85,15 @@ def test_token_ids_chat_n_seed_and_logprobs(stub, auth):
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
         (dict(model="olmoe", prompt="x"), False, grpc.StatusCode.UNAUTHENTICATED),
+        (
+            dict(
+                model="olmoe",
+                echo=True,
+                chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")]),
+            ),
+            True,
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
     ],
 )
 def test_error_codes(stub, auth, request_kwargs, metadata, code):

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import time
 
+import grpc
 import httpx
 import pytest
 from openai import OpenAI
+
+from protos import moe_serving_pb2 as pb
+from protos import moe_serving_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 MODELS = ("olmoe", "jetmoe", "granite")
@@ -184,11 +188,17 @@ def test_still_serving_after_the_hostile_requests(client):
 def test_health_and_metrics(server, client):
     assert httpx.get(f"{server.http}/health", timeout=30).json()["status"] == "ok"
     client.completions.create(model="jetmoe", prompt="count me", max_tokens=2)
+    with grpc.insecure_channel(server.grpc) as channel:
+        pb_grpc.MoEServingStub(channel).Generate(
+            pb.GenerateRequest(model="olmoe", prompt="count me", max_tokens=2),
+            metadata=[("authorization", f"Bearer {server.api_key}")],
+        )
     deadline = time.monotonic() + 30
     text = ""
     while time.monotonic() < deadline and "moe_serve_expert_tokens_total{" not in text:
         text = httpx.get(f"{server.http}/metrics", timeout=30).text
         time.sleep(0.5)
+    assert 'moe_serve_requests_total{api="grpc_generate",model="olmoe",status="200"}' in text
     for name in (
         "moe_serve_requests_total",
         "moe_serve_generation_tokens_total",
@@ -229,3 +239,15 @@ def test_client_disconnect_mid_stream_frees_the_request(server):
     while time.monotonic() < deadline and _kv_usage(server, "granite") != 0:
         time.sleep(0.2)
     assert _kv_usage(server, "granite") == 0
+
+
+def test_streamed_logprobs_equal_unary_with_echo(client):
+    args = dict(model="olmoe", prompt=[5, 6, 7], max_tokens=6, temperature=0, logprobs=2, echo=True)
+    unary = client.completions.create(**args).choices[0].logprobs
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for chunk in client.completions.create(**args, stream=True):
+        for name, values in streamed.items():
+            values.extend(getattr(chunk.choices[0].logprobs, name))
+    assert streamed["tokens"] == unary.tokens and len(unary.tokens) == 3 + 6
+    assert streamed["text_offset"] == unary.text_offset
+    assert streamed["token_logprobs"] == pytest.approx(unary.token_logprobs)
