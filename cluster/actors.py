@@ -43,6 +43,18 @@ class ExpertShardActor:
         return self.shard.serve(transport)
 
 
+def in_gang(options: dict, bundle_index: int) -> dict:
+    """`options` placed on bundle `bundle_index` of the current placement group (a Serve
+    replica's gang), when there is one."""
+    group = get_current_placement_group()
+    if group is None:
+        return options
+    strategy = PlacementGroupSchedulingStrategy(
+        placement_group=group, placement_group_bundle_index=bundle_index
+    )
+    return options | {"scheduling_strategy": strategy}
+
+
 def _wait_ready(actors: list, timeout_s: float, resources: str) -> list[dict]:
     """Each shard's `ready()`. The first shard that fails to load fails the launch at once;
     every shard is killed when the launch fails."""
@@ -86,18 +98,8 @@ class RayShardLauncher(ShardLauncher):
         self.pids: list[int] = []
 
     def _options(self, index: int) -> dict:
-        options = {
-            "num_cpus": self.num_cpus,
-            "num_gpus": self.num_gpus,
-            "name": None,
-            "max_restarts": 0,
-        }
-        group = get_current_placement_group()
-        if group is not None:
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=group, placement_group_bundle_index=index + 1
-            )
-        return options
+        options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": 0}
+        return in_gang(options, index + 1)
 
     def start(self, spec, shard_expert_ids, host, port):
         self.actors = [

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -109,9 +108,8 @@ class Engine:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         max_tokens = self.validate(prompt_ids, params)
-        now = time.monotonic()
         seqs = [
-            Sequence(next(self.seq_ids), list(prompt_ids), len(prompt_ids), max_tokens, now)
+            Sequence(next(self.seq_ids), list(prompt_ids), len(prompt_ids), max_tokens)
             for _ in range(params.n)
         ]
         device = self.runner.device

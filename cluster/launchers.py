@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -11,6 +12,8 @@ import torch
 
 from cluster.shard import ExpertShard
 from cluster.transport import CollectiveTransport, TransportError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,6 @@ class ThreadShardLauncher(ShardLauncher):
     def __init__(self) -> None:
         self.shards: list[ExpertShard] = []
         self.threads: list[threading.Thread] = []
-        self.errors: list[BaseException] = []
 
     def start(self, spec, shard_expert_ids, host, port):
         self.shards = [
@@ -75,8 +77,8 @@ class ThreadShardLauncher(ShardLauncher):
                     host, port, rank, world_size, torch.device(spec.device), spec.timeout_s, host
                 )
             )
-        except TransportError as exc:
-            self.errors.append(exc)
+        except TransportError as exc:  # NOTE: rank 0 sees the failure too, and rebuilds
+            log.warning("shard %d stopped: %s", rank, exc)
 
     def stop(self):
         for thread in self.threads:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import ray
-from ray.util.placement_group import get_current_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actors import EngineActor, RayCore
+from cluster.actors import EngineActor, RayCore, in_gang
 from cluster.async_engine import AsyncEngine, LocalCore
 from cluster.core import EngineCore, ReplicaConfig
 from cluster.launchers import ShardLauncher
@@ -29,12 +27,7 @@ def create_ray_replica(
     """Front here, core in an EngineActor. Inside a placement group (a Serve replica's gang)
     the engine actor takes bundle 0 and shard i bundle i + 1. `engine_threads`: torch threads
     of the engine actor (default: the node's cores)."""
-    options = dict(engine_options or {})
-    group = get_current_placement_group()
-    if group is not None:
-        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group=group, placement_group_bundle_index=0
-        )
+    options = in_gang(dict(engine_options or {}), 0)
     actor = EngineActor.options(**options).remote(config, shard_options, engine_threads)
     try:
         limits = ray.get(actor.start.remote())  # NOTE: surfaces load errors here

@@ -48,10 +48,6 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
-
-    @property
     def is_empty(self) -> bool:
         return not self.scheduled
 
@@ -130,16 +126,12 @@ class Scheduler:
             out.scheduled.append(_scheduled(seq, num_tokens))
             budget -= num_tokens
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
-        """Advance computed counts; append each sampling sequence's new token. Returns the
-        sequences that received a token."""
-        grown = []
+    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
+        """Advance computed counts; append each sampling sequence's new token."""
         for item in out.scheduled:
             item.seq.num_computed_tokens = item.start + item.num_tokens
             if item.is_sampling:
                 item.seq.token_ids.append(sampled[item.seq.seq_id])
-                grown.append(item.seq)
-        return grown
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove `seq` wherever it is and free its blocks (finish, stop or abort)."""

@@ -20,7 +20,6 @@ class Sequence:
     token_ids: list[int]  # prompt followed by generated tokens
     num_prompt_tokens: int
     max_tokens: int  # generated tokens allowed
-    arrival: float = 0.0
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING

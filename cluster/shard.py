@@ -69,7 +69,6 @@ class ExpertShard:
         self.config = model.config
         self.device = torch.device(device)
         self.experts: list[LocalExperts] = [block.experts for block in model.moe_blocks()]
-        self.expert_ids = tuple(expert_ids)
         self.dtype = self.experts[0].gate_up_proj.dtype
         self.num_steps = 0
 

@@ -30,24 +30,12 @@ def is_cuda(model: ModelConfig) -> bool:
 
 
 def model_deployment(model: ModelConfig, cuda: bool):
-    scaling = model.autoscaling
-    autoscaling = {
-        "min_replicas": scaling.min_replicas,
-        "max_replicas": scaling.max_replicas,
-        "target_ongoing_requests": scaling.target_ongoing_requests,
-        "upscale_delay_s": scaling.upscale_delay_s,
-        "downscale_delay_s": scaling.downscale_delay_s,
-        "metrics_interval_s": scaling.metrics_interval_s,
-        "look_back_period_s": scaling.look_back_period_s,
-    }
-    if scaling.initial_replicas is not None:
-        autoscaling["initial_replicas"] = scaling.initial_replicas
     return ModelReplica.options(
         name=model.deployment_name,
         ray_actor_options={"num_cpus": 0},
         placement_group_bundles=gang_bundles(model, cuda),
         placement_group_strategy="STRICT_PACK" if cuda else "PACK",
-        autoscaling_config=autoscaling,
+        autoscaling_config=model.autoscaling.model_dump(exclude_none=True),  # NOTE: Serve's names
         max_ongoing_requests=model.max_num_seqs,
         max_queued_requests=model.max_queued_requests,
         health_check_period_s=10,

@@ -107,8 +107,8 @@ class Frontend:
         self, endpoint: ModelEndpoint, prompts: list[list[int]], params: SamplingParams
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Run every prompt; yield (prompt index, output) as outputs arrive. Leaving early
-        cancels every stream on the replicas (their KV blocks are freed)."""
-        self.check(endpoint, prompts, params)
+        cancels every stream on the replicas (their KV blocks are freed). The caller has
+        checked the prompts (`check`)."""
         queue: asyncio.Queue = asyncio.Queue()
         streams = [
             endpoint.handle.options(stream=True).generate.remote(ids, params, uuid.uuid4().hex)
@@ -153,8 +153,6 @@ class Frontend:
             async for output in response:
                 queue.put_nowait((index, output))
             queue.put_nowait(None)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             queue.put_nowait(exc)
 

@@ -12,16 +12,16 @@ from deploy.frontend import ChoiceState, Frontend, ModelEndpoint, PromptRun, req
 from models.tokenizer import TextTokenizer
 from protos import moe_serving_pb2 as pb
 
-_DEFAULTS = {
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": 0,
-    "min_p": 0.0,
-    "n": 1,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0,
-}
+_OPTIONAL = (  # NOTE: optional proto fields: unset ones keep SamplingParams' defaults
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 
 
 def authorize(frontend: Frontend, context) -> None:
@@ -33,7 +33,7 @@ def _params(request: pb.GenerateRequest, is_chat: bool) -> SamplingParams:
     def get(name: str, default=None):
         return getattr(request, name) if request.HasField(name) else default
 
-    values = {name: get(name, default) for name, default in _DEFAULTS.items()}
+    values = {name: getattr(request, name) for name in _OPTIONAL if request.HasField(name)}
     logprobs = get("logprobs")
     try:
         return SamplingParams(

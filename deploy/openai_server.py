@@ -94,7 +94,8 @@ async def _completion_chunks(
                 if body.echo and index not in echoed:
                     echoed.add(index)
                     prompt_text = tokenizer.decode(prompts[prompt_index], skip_special_tokens=False)
-                    text, run = prompt_text + text, _echo_run(prompts[prompt_index], output)
+                    text = prompt_text + text
+                    run = PromptRun(prompts[prompt_index], output.prompt_logprobs)
                 logprobs = None
                 if body.logprobs is not None:
                     start = offsets.get(index, 0)
@@ -119,10 +120,6 @@ async def _completion_chunks(
     finally:
         await outputs.aclose()
     yield SSE_DONE
-
-
-def _echo_run(prompt_ids: list[int], output) -> PromptRun:
-    return PromptRun(prompt_ids, output.prompt_logprobs)
 
 
 def _prepare_chat(frontend: Frontend, body: ChatCompletionRequest):

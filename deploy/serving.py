@@ -14,6 +14,7 @@ from ray.serve.config import gRPCOptions
 
 from deploy.app import APP_NAME, GRPC_SERVICERS, build_app
 from deploy.config import API_KEY_ENV, ServeConfig, parse_config
+from deploy.model_replica import gang_bundles
 
 DEMO_ARCHS = ("olmoe", "jetmoe", "granitemoe")
 
@@ -41,11 +42,7 @@ def demo_config() -> ServeConfig:
 def logical_cpus(config: ServeConfig) -> int:
     """CPUs a local Ray needs to place every replica at max scale (fractions add up)."""
     needed = sum(
-        (
-            m.resources.replica_cpus
-            + m.expert_parallel_size * m.resources.shard_cpus * (m.expert_parallel_size > 1)
-        )
-        * m.autoscaling.max_replicas
+        sum(bundle["CPU"] for bundle in gang_bundles(m, False)) * m.autoscaling.max_replicas
         for m in config.models
     )
     return max(os.cpu_count() or 1, int(needed) + 2)

@@ -45,10 +45,11 @@ class AttentionMetadata:
     """Where each sequence's new tokens sit in the flat batch and in the paged cache.
 
     Sequences are laid out in order; sequence b owns tokens
-    [query_start[b], query_start[b] + query_lens[b]) of the flat batch.
+    [query_starts[b], query_starts[b] + query_lens[b]) of the flat batch.
     """
 
     query_lens: tuple[int, ...]  # new tokens per sequence
+    query_starts: tuple[int, ...]  # where each sequence's new tokens start in the flat batch
     seq_lens: tuple[int, ...]  # tokens in the cache after this step (context + new)
     slot_mapping: torch.Tensor  # [T] long: flat cache slot (block * S + offset) per new token
     block_tables: torch.Tensor  # [B, max_blocks] long: cache blocks of each sequence
@@ -92,6 +93,7 @@ class AttentionMetadata:
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         return cls(
             query_lens=tuple(query_lens),
+            query_starts=tuple(starts[:-1]),
             seq_lens=tuple(seq_lens),
             slot_mapping=as_long(slots),
             block_tables=as_long(padded).view(len(block_tables), width),
@@ -103,9 +105,6 @@ class AttentionMetadata:
             decode_mask=_length_mask([seq_lens[b] for b in decode_rows], device),
             prefill_ids=tuple(b for b, q in enumerate(query_lens) if q > 1),
         )
-
-    def query_start(self, b: int) -> int:
-        return sum(self.query_lens[:b])
 
 
 def _length_mask(lengths: list[int], device: torch.device | str) -> torch.Tensor:
@@ -145,7 +144,7 @@ def paged_attention(
             query[meta.decode_token_ids], cache, meta, scale
         )
     for b in meta.prefill_ids:
-        start, q_len, s_len = meta.query_start(b), meta.query_lens[b], meta.seq_lens[b]
+        start, q_len, s_len = meta.query_starts[b], meta.query_lens[b], meta.seq_lens[b]
         rows = slice(start, start + q_len)
         if q_len == s_len:  # NOTE: no cached context: attend to the new tokens directly
             k, v = key[rows], value[rows]

@@ -10,20 +10,6 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-# NOTE: only what serving reads; never optimizer states, pytorch_model.bin or original/ dumps.
-CHECKPOINT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "model-*.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
-
-
 TINY_PREFIX = "tiny:"
 
 
@@ -59,6 +45,13 @@ METADATA_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
+)
+# NOTE: only what serving reads; never optimizer states, pytorch_model.bin or original/ dumps.
+CHECKPOINT_FILES = (
+    *METADATA_FILES,
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
 )
 
 

@@ -132,3 +132,10 @@ def test_unsupported_values_are_clear_errors(overrides, message):
 def test_unknown_architecture_is_rejected():
     with pytest.raises(ConfigError, match="MixtralForCausalLM"):
         model_class({"architectures": ["MixtralForCausalLM"]})
+
+
+def test_every_supported_activation_is_implemented():
+    from models.config import SUPPORTED_ACTIVATIONS
+    from models.layers import ACTIVATIONS
+
+    assert set(SUPPORTED_ACTIVATIONS) == set(ACTIVATIONS)
