@@ -8,6 +8,7 @@ from torch import nn
 
 from models.base import Attention, MoeForCausalLM
 from models.config import (
+    ConfigError,
     ModelConfig,
     read_dtype,
     read_eos,
@@ -38,7 +39,7 @@ class OlmoeForCausalLM(MoeForCausalLM):
         head_dim = hf.get("head_dim") or hidden // num_heads
         max_pos = hf.get("max_position_embeddings", 4096)
         if head_dim * num_heads != hidden:
-            raise ValueError(
+            raise ConfigError(
                 f"OLMoE's q_norm spans hidden_size ({hidden}); heads x head_dim "
                 f"({num_heads} x {head_dim}) must equal it"
             )
