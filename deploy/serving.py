@@ -78,14 +78,19 @@ def describe(config: ServeConfig) -> str:
     return "\n".join(lines)
 
 
+def _trap_signals(stop: threading.Event) -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+
+
 def run(config: ServeConfig | None) -> int:
     config = config or demo_config()
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    _trap_signals(stop)
     started = time.monotonic()
     try:
         start(config)
+        _trap_signals(stop)  # NOTE: again: ray.init installs its own SIGTERM handler, which aborts
         print(f"ready in {time.monotonic() - started:.1f}s\n{describe(config)}", flush=True)
         stop.wait()
     finally:
