@@ -24,6 +24,7 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stream = DecodeStream(list(prompt_ids[-PROMPT_CONTEXT:]), skip_special_tokens)
         self.stop = tuple(stop)
+        self.longest_stop = max(map(len, self.stop), default=0)
         self.text = ""
         self.num_emitted = 0
 
@@ -33,7 +34,7 @@ class TextStream:
         piece = self.stream.step(self.tokenizer, token_id)
         if not piece:
             return False
-        searched_from = max(0, len(self.text) - max(map(len, self.stop), default=0) + 1)
+        searched_from = max(0, len(self.text) - self.longest_stop + 1)
         self.text += piece
         hits = [i for i in (self.text.find(s, searched_from) for s in self.stop) if i >= 0]
         if hits:
@@ -43,7 +44,7 @@ class TextStream:
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that begins some stop string."""
-        for size in range(min(len(self.text), max(map(len, self.stop), default=1) - 1), 0, -1):
+        for size in range(min(len(self.text), self.longest_stop - 1), 0, -1):
             tail = self.text[-size:]
             if any(s.startswith(tail) for s in self.stop):
                 return size

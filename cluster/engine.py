@@ -47,8 +47,7 @@ def _num_blocks(config: EngineConfig, model: MoeForCausalLM, max_model_len: int)
     if config.num_kv_blocks is not None:
         blocks = config.num_kv_blocks
     else:
-        dtype = next(p for p in model.parameters() if not p.is_meta).dtype
-        per_block = kv_cache_bytes_per_block(model, config.block_size, dtype)
+        per_block = kv_cache_bytes_per_block(model, config.block_size)
         budget = config.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
         most = config.max_num_seqs * -(-max_model_len // config.block_size)
         blocks = min(budget // per_block, most)

@@ -11,7 +11,7 @@ import threading
 import torch
 
 from cluster.placement import ExpertPlacement
-from cluster.shard import Command, pack_rows
+from cluster.shard import Command, pack_rows, payload_row_bytes
 from cluster.transport import CollectiveTransport, TransportError
 from models.base import MoeForCausalLM
 from models.moe import BaseExperts
@@ -103,22 +103,17 @@ class Dispatcher:
         rows = pack_rows(hidden[order], topk_ids[order], topk_weights[order])
         transport.all_to_all(rows, counts, [0] * transport.world_size)
         results = transport.all_to_all(hidden[:0], [0] * transport.world_size, counts)
-        self._count(layer, topk_ids, shard_of, order.numel(), hidden)
+        self._count(layer, topk_ids, order.numel(), hidden)
         return torch.zeros_like(hidden).index_add_(0, order, results)
 
-    def _count(
-        self,
-        layer: int,
-        topk_ids: torch.Tensor,
-        shard_of: torch.Tensor,
-        rows: int,
-        hidden: torch.Tensor,
-    ) -> None:
+    def _count(self, layer: int, topk_ids: torch.Tensor, rows: int, hidden: torch.Tensor) -> None:
         row_bytes = self.hidden_size * hidden.element_size()
         routed = torch.bincount(topk_ids.flatten(), minlength=self.stats.expert_tokens.shape[1])
         with self.stats.lock:
             self.stats.expert_tokens[layer] += routed.cpu()
-            self.stats.bytes_sent += rows * (row_bytes + 2 * self.top_k * 4)
+            self.stats.bytes_sent += rows * payload_row_bytes(
+                self.hidden_size, hidden.dtype, self.top_k
+            )
             self.stats.bytes_received += rows * row_bytes
             self.stats.min_bytes += (
                 2 * rows * row_bytes

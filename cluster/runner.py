@@ -20,16 +20,16 @@ class StepLogits:
     prompt: dict[int, torch.Tensor]  # seq_id -> [num_tokens, V] for prompt-logprob chunks
 
 
-def kv_cache_bytes_per_block(model: MoeForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+def kv_cache_bytes_per_block(model: MoeForCausalLM, block_size: int) -> int:
     cfg = model.config
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
-    return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
+    return per_token * block_size * model.materialised.dtype.itemsize
 
 
 class ModelRunner:
     def __init__(self, model: MoeForCausalLM, num_blocks: int, block_size: int) -> None:
         cfg = model.config
-        param = next(p for p in model.parameters() if not p.is_meta)
+        param = model.materialised
         self.model, self.block_size, self.device = model, block_size, param.device
         self.kv_caches: list[LayerKVCache] = allocate_kv_cache(
             cfg.num_layers,

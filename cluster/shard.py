@@ -32,6 +32,11 @@ def pack_rows(
     return torch.cat([hidden.contiguous().view(torch.uint8), routing.view(torch.uint8)], dim=1)
 
 
+def payload_row_bytes(hidden_size: int, dtype: torch.dtype, top_k: int) -> int:
+    """Bytes of one `pack_rows` row: the hidden state, then K ids and K weights as float32."""
+    return hidden_size * dtype.itemsize + 8 * top_k
+
+
 def unpack_rows(rows: torch.Tensor, hidden_size: int, top_k: int, dtype: torch.dtype):
     """Inverse of `pack_rows` -> hidden [n, H], topk_ids [n, K], topk_weights [n, K]."""
     hidden_bytes = rows.shape[1] - 8 * top_k
@@ -98,7 +103,7 @@ class ExpertShard:
         top_k = self.config.num_experts_per_tok
         recv_counts = transport.exchange_counts([0] * world)
         nothing = [0] * world
-        row_bytes = hidden_size * self.dtype.itemsize + 8 * top_k
+        row_bytes = payload_row_bytes(hidden_size, self.dtype, top_k)
         rows = transport.all_to_all(
             torch.empty(0, row_bytes, dtype=torch.uint8, device=self.device), nothing, recv_counts
         )

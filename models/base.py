@@ -127,6 +127,12 @@ class MoeForCausalLM(nn.Module):
             hidden = layer(hidden, rope, meta, cache)
         return self.model.norm(hidden)
 
+    @property
+    def materialised(self) -> nn.Parameter:
+        """A parameter that holds data (a shard-less attention model leaves experts on meta):
+        its dtype and device are the model's."""
+        return next(p for p in self.parameters() if not p.is_meta)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, V]."""
         weight = (
