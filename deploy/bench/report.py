@@ -18,6 +18,7 @@ from deploy.bench.engine_bench import bench_engine
 from deploy.bench.online import Target
 from deploy.bench.online_report import bench_online
 from deploy.bench.plots import step_plot
+from deploy.bench.report_markdown import median_step_run
 from deploy.bench.step_bench import measure
 from deploy.bench.workload import Workload
 from models.source import cache_dir
@@ -133,13 +134,16 @@ def run_report(docs: Path) -> Path:
     engine[ONE_THREAD] = [
         bench_engine(path, WORKLOAD, "float32", True, out / "engine-float32-1thread.json", 1)
     ]
-    steps = [row for ep in (1, 2, 4) for row in measure(path, ep, [1, 16, 64], 32, None, 0.5)]
+    step_runs = [
+        [row for ep in (1, 2, 4) for row in measure(path, ep, [1, 16, 64], 32, None, 0.5)]
+        for _ in range(REPEATS)
+    ]
     import ray
 
     ray.shutdown()
-    step_plot(steps, out / "decode_step.png")
+    step_plot(median_step_run(step_runs), out / "decode_step.png")
     online = online_section(path, out)
-    markdown = render(machine(), engine, steps, online, time.monotonic() - started)
+    markdown = render(machine(), engine, step_runs, online, time.monotonic() - started)
     target = docs / "performance.md"
     target.write_text(markdown)
     return target
