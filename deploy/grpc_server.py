@@ -42,7 +42,7 @@ def _params(request: pb.GenerateRequest, is_chat: bool) -> SamplingParams:
             stop=tuple(request.stop),
             stop_token_ids=tuple(request.stop_token_ids),
             logprobs=logprobs,
-            prompt_logprobs=logprobs if request.echo and not is_chat else None,
+            prompt_logprobs=logprobs if request.echo else None,  # NOTE: echo with chat is refused
             ignore_eos=request.ignore_eos,
             **values,
         )

@@ -18,7 +18,7 @@ from deploy.bench.engine_bench import bench_engine
 from deploy.bench.online import Target
 from deploy.bench.online_report import bench_online
 from deploy.bench.plots import step_plot
-from deploy.bench.report_markdown import median_step_run
+from deploy.bench.report_markdown import median_step_run, render
 from deploy.bench.step_bench import measure
 from deploy.bench.workload import Workload
 from models.source import cache_dir
@@ -119,8 +119,6 @@ def online_section(path: str, out: Path) -> dict:
 
 def run_report(docs: Path) -> Path:
     """Run everything; returns the markdown file written."""
-    from deploy.bench.report_markdown import render
-
     out = docs / "perf"
     out.mkdir(parents=True, exist_ok=True)
     path, started = checkpoint(), time.monotonic()

@@ -124,9 +124,14 @@ def _online_table(online: dict) -> str:
     return "\n".join(lines)
 
 
+def _batch16_ms(steps: list[dict]) -> dict[int, float]:
+    """EP size -> ms per decode step at batch 16."""
+    return {r["ep"]: r["ms_per_step"] for r in steps if r["batch"] == 16}
+
+
 def ep2_ratio(steps: list[dict]) -> float:
     """EP=2 over EP=1 decode step time at batch 16."""
-    step16 = {r["ep"]: r["ms_per_step"] for r in steps if r["batch"] == 16}
+    step16 = _batch16_ms(steps)
     return step16[2] / step16[1]
 
 
@@ -139,8 +144,8 @@ def median_step_run(step_runs: list[list[dict]]) -> list[dict]:
 def _targets(engine_speedup: float, ep2: dict, step_runs: list[list[dict]]) -> str:
     served = next(r for r in ep2["levels"] if r["concurrency"] == 16)
     baseline = ep2["transformers"]["output_tokens_per_s"]
-    step16 = {r["ep"]: r["ms_per_step"] for r in median_step_run(step_runs) if r["batch"] == 16}
-    ratio = step16[2] / step16[1]
+    median = median_step_run(step_runs)
+    step16, ratio = _batch16_ms(median), ep2_ratio(median)
     spread = ", ".join(f"{r:.2f}x" for r in sorted(ep2_ratio(run) for run in step_runs))
     return "\n".join(
         [
