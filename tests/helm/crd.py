@@ -1,9 +1,9 @@
 """Strict validation of KubeRay resources against the CRDs' OpenAPI v3 schemas.
 
-The CRDs (read from ../shared/kuberay/, not copied into the repo) declare no
-`additionalProperties: false`: the API server silently prunes unknown fields unless the client
-asks for strict field validation. Here every object that declares `properties` is closed, so a
-misspelt field is an error, as with `kubectl apply --validate=strict`.
+The CRDs (byte-exact copies of KubeRay's, in tests/data/kuberay/ with their provenance in its
+README.md) declare no `additionalProperties: false`: the API server silently prunes unknown fields
+unless the client asks for strict field validation. Here every object that declares `properties`
+is closed, so a misspelt field is an error, as with `kubectl apply --validate=strict`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from jsonschema import Draft7Validator
 
 from tests.helm.helm_tool import REPO
 
-CRD_DIR = REPO.parent / "shared" / "kuberay"
+CRD_DIR = REPO / "tests" / "data" / "kuberay"
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 PRESERVE = "x-kubernetes-preserve-unknown-fields"
 INT_OR_STRING = "x-kubernetes-int-or-string"

@@ -6,18 +6,19 @@ import copy
 
 import pytest
 
-from tests.helm.crd import CRD_DIR, as_ray_cluster, crd_errors, ray_resources
+from tests.helm.crd import CRD_DIR, CRD_FILES, as_ray_cluster, crd_errors, ray_resources
 
-# NOTE: named, not globbed: a missing ../shared/kuberay must fail, never skip.
+# NOTE: named, not globbed: a missing tests/data/kuberay file must fail, never skip.
 SAMPLES = [
     CRD_DIR / "sample-ray-service.llm-serve.yaml",
     CRD_DIR / "sample-ray-service.sample.yaml",
 ]
 
 
-def test_kuberay_samples_are_present():
-    missing = [p.name for p in SAMPLES if not p.exists()]
-    assert not missing, f"KubeRay samples missing from {CRD_DIR}: {missing}"
+def test_kuberay_files_are_present():
+    named = [CRD_DIR / name for name in CRD_FILES.values()] + SAMPLES + [CRD_DIR / "README.md"]
+    missing = [p.name for p in named if not p.is_file()]
+    assert not missing, f"KubeRay files missing from {CRD_DIR}: {missing}"
 
 
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
