@@ -82,11 +82,12 @@ class DecoderModel(nn.Module):
 class MoeForCausalLM(nn.Module):
     """Base of every architecture: flat-batch forward over a paged KV cache.
 
-    Subclasses set `architecture`, `name_map`, implement `config_from_hf` and
-    `create_attention`. `expert_ids` selects which experts this instance materialises (all by
-    default; none on an attention actor whose experts live in shards).
+    Subclasses set `model_type` (config.json's), `architecture`, `name_map`, implement
+    `config_from_hf` and `create_attention`. `expert_ids` selects which experts this instance
+    materialises (all by default; none on an attention actor whose experts live in shards).
     """
 
+    model_type: ClassVar[str]
     architecture: ClassVar[str]
     name_map: ClassVar[WeightNameMap]
 

@@ -158,6 +158,17 @@ def read_eos(hf: dict[str, Any], generation: dict[str, Any] | None) -> tuple[int
     return tuple(ids)
 
 
+def read_key(hf: dict[str, Any], names: tuple[str, ...], default: Any) -> Any:
+    """The value of the first of `names` set in `hf` (the transformers key first, then the
+    architecture's legacy names); two set to different values is an error naming both."""
+    present = [(name, hf[name]) for name in names if hf.get(name) is not None]
+    for name, value in present[1:]:
+        if value != present[0][1]:
+            first, first_value = present[0]
+            raise ConfigError(f"config keys {first}={first_value!r} and {name}={value!r} disagree")
+    return present[0][1] if present else default
+
+
 def require_absent_or(hf: dict[str, Any], key: str, allowed: tuple[Any, ...]) -> None:
     """Fail if `key` is set to a value this code does not implement."""
     if key in hf and hf[key] not in allowed:

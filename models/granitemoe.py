@@ -16,6 +16,7 @@ _TARGET = "model.layers.{layer}.mlp.experts."
 
 
 class GraniteMoeForCausalLM(MoeForCausalLM):
+    model_type = "granitemoe"
     architecture = "GraniteMoeForCausalLM"
     name_map = WeightNameMap(
         renames=((r"\.block_sparse_moe\.router\.layer\.", ".mlp.gate."),),

@@ -16,7 +16,15 @@ from torch import nn
 
 from models.attention import AttentionMetadata, LayerKVCache, paged_attention
 from models.base import MoeForCausalLM, Rope
-from models.config import ModelConfig, read_dtype, read_eos, read_rope
+from models.config import (
+    ConfigError,
+    ModelConfig,
+    read_dtype,
+    read_eos,
+    read_key,
+    read_rope,
+    require_absent_or,
+)
 from models.layers import Linear, apply_rotary
 from models.moe import Router, combine_by_token, group_by_expert, grouped_linear
 from models.weights import ExpertTensor, WeightNameMap
@@ -79,6 +87,7 @@ class MixtureOfAttention(nn.Module):
 
 
 class JetMoeForCausalLM(MoeForCausalLM):
+    model_type = "jetmoe"
     architecture = "JetMoeForCausalLM"
     name_map = WeightNameMap(
         renames=((r"\.self_attention\.", ".self_attn."), (r"\.router\.layer\.", ".gate.")),
@@ -90,25 +99,34 @@ class JetMoeForCausalLM(MoeForCausalLM):
 
     @staticmethod
     def config_from_hf(hf: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+        # NOTE: jetmoe/jetmoe-8b predates its transformers port and keeps its own key names.
+        require_absent_or(hf, "glu", (True,))
+        require_absent_or(hf, "rotary_percent", (1.0,))
         num_kv_heads = hf.get("num_key_value_heads", 16)
-        top_k = hf.get("num_experts_per_tok", 2)
-        num_experts = hf.get("num_local_experts", 8)
-        max_pos = hf.get("max_position_embeddings", 4096)
+        top_k = read_key(hf, ("num_experts_per_tok", "moe_top_k"), 2)
+        num_experts = read_key(hf, ("num_local_experts", "moe_num_experts"), 8)
+        max_pos = read_key(hf, ("max_position_embeddings", "n_positions"), 4096)
+        if hf.get("num_attention_heads", num_kv_heads * top_k) != num_kv_heads * top_k:
+            raise ConfigError(
+                f"num_attention_heads ({hf['num_attention_heads']}) must be num_key_value_heads x "
+                f"top-k ({num_kv_heads} x {top_k}): JetMoE's attention experts give each token "
+                "that many query heads"
+            )
         return ModelConfig(
             architecture=JetMoeForCausalLM.architecture,
             vocab_size=hf.get("vocab_size", 32000),
             hidden_size=hf.get("hidden_size", 2048),
-            num_layers=hf.get("num_hidden_layers", 12),
+            num_layers=read_key(hf, ("num_hidden_layers", "num_layers"), 12),
             num_heads=num_kv_heads * top_k,
             num_kv_heads=num_kv_heads,
             head_dim=hf.get("kv_channels", 128),
-            intermediate_size=hf.get("intermediate_size", 5632),
+            intermediate_size=read_key(hf, ("intermediate_size", "ffn_hidden_size"), 5632),
             num_experts=num_experts,
             num_experts_per_tok=top_k,
             max_position_embeddings=max_pos,
             rope=read_rope(hf, max_pos),
-            hidden_act=hf.get("activation_function", "silu"),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            hidden_act=read_key(hf, ("activation_function", "hidden_act"), "silu"),
+            rms_norm_eps=read_key(hf, ("rms_norm_eps", "layer_norm_epsilon"), 1e-6),
             layer_norm_eps=_LAYER_NORM_EPS,
             router_rule="topk_softmax",
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),

@@ -123,7 +123,6 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     wanted: Callable[[str], bool] = lambda name: True,
-    is_tied: bool = False,
 ) -> None:
     """Fill `model`'s (meta) parameters from `checkpoint`.
 
@@ -134,7 +133,7 @@ def load_weights(
     filler = _Filler(model, dtype, device, wanted)
     plan: dict[str, Resolved] = {}
     for key in checkpoint.key_files:
-        resolved = name_map.resolve(key, is_tied)
+        resolved = name_map.resolve(key)
         if resolved.kind != "ignored" and resolved.target not in filler.params:
             raise WeightLoadError(
                 f"checkpoint tensor {key!r} is unused: the model has no "

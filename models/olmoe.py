@@ -22,6 +22,7 @@ _TARGET = "model.layers.{layer}.mlp.experts."
 
 
 class OlmoeForCausalLM(MoeForCausalLM):
+    model_type = "olmoe"
     architecture = "OlmoeForCausalLM"
     name_map = WeightNameMap(
         experts=(

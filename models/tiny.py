@@ -202,6 +202,28 @@ def _init(key: str, shape: tuple[int, ...], generator: torch.Generator) -> torch
     return std * torch.randn(shape, generator=generator)
 
 
+def write_tokenizer(out: Path, vocab_size: int, max_length: int) -> Tokenizer:
+    """The tiny byte-level BPE tokenizer (at most `vocab_size` ids) and its config, in `out`."""
+    tokenizer = build_tokenizer(min(vocab_size, TOKENIZER_VOCAB))
+    if vocab_size < tokenizer.get_vocab_size():
+        raise ValueError(
+            f"vocab_size must be at least {tokenizer.get_vocab_size()} (the "
+            f"tokenizer's), got {vocab_size}"
+        )
+    tokenizer.save(str(out / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|pad|>",
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": max_length,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return tokenizer
+
+
 def write_tiny(arch: str, out: str | Path, seed: int = 0, spec: TinySpec | None = None) -> Path:
     """Write a deterministic random checkpoint of `arch` to `out`; returns the directory."""
     if arch not in LAYOUTS:
@@ -209,12 +231,7 @@ def write_tiny(arch: str, out: str | Path, seed: int = 0, spec: TinySpec | None 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = spec or TinySpec()
-    tokenizer = build_tokenizer(min(spec.vocab_size, TOKENIZER_VOCAB))
-    if spec.vocab_size < tokenizer.get_vocab_size():
-        raise ValueError(
-            f"vocab_size must be at least {tokenizer.get_vocab_size()} (the "
-            f"tokenizer's), got {spec.vocab_size}"
-        )
+    tokenizer = write_tokenizer(out, spec.vocab_size, spec.max_position_embeddings)
     eos, pad = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|pad|>")
     config: dict[str, Any] = {
         "vocab_size": spec.vocab_size,
@@ -243,17 +260,6 @@ def write_tiny(arch: str, out: str | Path, seed: int = 0, spec: TinySpec | None 
         "pad_token_id": pad,
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    tokenizer.save(str(out / "tokenizer.json"))
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|endoftext|>",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|pad|>",
-        "chat_template": CHAT_TEMPLATE,
-        "model_max_length": spec.max_position_embeddings,
-        "clean_up_tokenization_spaces": False,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (out / "moe_serve_tiny.json").write_text(
         json.dumps({"arch": arch, "seed": seed, "spec": asdict(spec)}, indent=2) + "\n"
     )

@@ -45,18 +45,14 @@ class Resolved:
 @dataclass(frozen=True)
 class WeightNameMap:
     """Renames for dense tensors (regex, replacement; applied in order), expert tensor rules, and
-    checkpoint artefacts to skip (e.g. rotary inv_freq buffers saved by old code). With tied
-    embeddings, a checkpoint may also carry the redundant `tied` copies; they are skipped."""
+    checkpoint artefacts to skip (e.g. rotary inv_freq buffers saved by old code)."""
 
     renames: tuple[tuple[str, str], ...] = ()
     experts: tuple[ExpertTensor, ...] = ()
     ignored: tuple[str, ...] = (r".*\.rotary_emb\.inv_freq",)
-    tied: tuple[str, ...] = ("lm_head.weight",)
 
-    def resolve(self, key: str, is_tied: bool = False) -> Resolved:
+    def resolve(self, key: str) -> Resolved:
         if any(re.fullmatch(pattern, key) for pattern in self.ignored):
-            return Resolved("ignored")
-        if is_tied and key in self.tied:
             return Resolved("ignored")
         for rule in self.experts:
             match = rule.regex.fullmatch(key)

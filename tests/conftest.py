@@ -22,3 +22,20 @@ def ray_cluster():
     ray.init(num_cpus=16, include_dashboard=False, logging_level="warning", configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def hub_checkpoint(tmp_path_factory):
+    """name -> the published config `name` as a one-layer random checkpoint with transformers'
+    reference logits (tests/hub_checkpoints.py), written once per session."""
+    from tests.hub_checkpoints import write_hub_checkpoint
+
+    root = tmp_path_factory.mktemp("hub")
+    written = {}
+
+    def get(name: str):
+        if name not in written:
+            written[name] = write_hub_checkpoint(name, root / name)
+        return written[name]
+
+    return get

@@ -132,6 +132,62 @@ def test_unsupported_values_are_clear_errors(overrides, message):
 def test_unknown_architecture_is_rejected():
     with pytest.raises(ConfigError, match="MixtralForCausalLM"):
         model_class({"architectures": ["MixtralForCausalLM"]})
+    with pytest.raises(ConfigError, match="'mixtral' is not supported"):
+        model_class({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]})
+
+
+def test_checkpoints_map_by_model_type_with_a_case_blind_cross_check():
+    assert model_class({"model_type": "jetmoe", "architectures": ["JetMoEForCausalLM"]}) is (
+        JetMoeForCausalLM
+    )
+    assert model_class({"model_type": "olmoe"}) is OlmoeForCausalLM
+    assert model_class({"architectures": ["GRANITEMOEFORCAUSALLM"]}) is GraniteMoeForCausalLM
+    with pytest.raises(ConfigError, match="do not match model_type 'olmoe'"):
+        model_class({"model_type": "olmoe", "architectures": ["GraniteMoeForCausalLM"]})
+
+
+JETMOE_MODERN = {
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "intermediate_size": 24,
+    "max_position_embeddings": 64,
+    "num_hidden_layers": 3,
+    "rms_norm_eps": 1e-5,
+}
+JETMOE_LEGACY = {
+    "moe_num_experts": 4,
+    "moe_top_k": 2,
+    "ffn_hidden_size": 24,
+    "n_positions": 64,
+    "num_layers": 3,
+    "layer_norm_epsilon": 1e-5,
+    "glu": True,
+    "rotary_percent": 1.0,
+}
+
+
+def test_jetmoe_legacy_keys_read_like_the_transformers_ones():
+    base = {"vocab_size": 64, "hidden_size": 32, "kv_channels": 8, "num_key_value_heads": 2}
+    modern = JetMoeForCausalLM.config_from_hf(base | JETMOE_MODERN)
+    assert JetMoeForCausalLM.config_from_hf(base | JETMOE_LEGACY) == modern
+    assert JetMoeForCausalLM.config_from_hf(base | JETMOE_MODERN | JETMOE_LEGACY) == modern
+    assert (modern.num_experts, modern.num_layers, modern.max_position_embeddings) == (4, 3, 64)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"moe_num_experts": 8}, "num_local_experts=4 and moe_num_experts=8 disagree"),
+        ({"num_layers": 2}, "num_hidden_layers=3 and num_layers=2 disagree"),
+        ({"glu": False}, "glu=False is not supported"),
+        ({"rotary_percent": 0.5}, "rotary_percent=0.5 is not supported"),
+        ({"num_attention_heads": 6}, r"num_attention_heads \(6\) must be"),
+    ],
+)
+def test_jetmoe_keys_that_change_inference_are_checked(overrides, message):
+    hf = {"vocab_size": 64, "hidden_size": 32, "kv_channels": 8, "num_key_value_heads": 2}
+    with pytest.raises(ConfigError, match=message):
+        JetMoeForCausalLM.config_from_hf(hf | JETMOE_MODERN | overrides)
 
 
 def test_every_supported_activation_is_implemented():
