@@ -1,6 +1,10 @@
 """The Serve application: a Gateway ingress in front of one ModelReplica deployment per model,
 plus the metrics hub. `build_app` is the import path Serve config files use:
-`import_path: deploy.app:build_app`, `args:` the serving config (deploy/config.py)."""
+`import_path: deploy.app:build_app`, `args:` the serving config (deploy/config.py).
+
+Logging: no deployment writes Serve's access log (the replicas' stats reports and the health
+checks would flood it); the Gateway writes one line per user request instead
+(deploy/access_log.py). Serve's own logs are at `log_level` (WARNING by default)."""
 
 from __future__ import annotations
 
@@ -8,11 +12,13 @@ import os
 
 import ray
 from ray.serve import Application
+from ray.serve.schema import LoggingConfig
 
 from deploy.config import API_KEY_ENV, ModelConfig, ServeConfig, parse_config
 from deploy.gateway import Gateway
 from deploy.metrics import MetricsHub
-from deploy.model_replica import ModelReplica, gang_bundles
+from deploy.model_replica import ModelReplica
+from deploy.validate import ModelCheckError, check_models
 
 APP_NAME = "moe-serve"
 GRPC_SERVICERS = [
@@ -29,11 +35,18 @@ def is_cuda(model: ModelConfig) -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def model_deployment(model: ModelConfig, cuda: bool):
+def serve_logging(log_level: str) -> LoggingConfig:
+    """Serve's logging for our deployments (and, from `moe-serve run`, its controller and
+    proxies): `log_level`, and never Serve's access log."""
+    return LoggingConfig(log_level=log_level.upper(), enable_access_log=False)
+
+
+def model_deployment(model: ModelConfig, cuda: bool, logging: LoggingConfig):
     return ModelReplica.options(
         name=model.deployment_name,
         ray_actor_options={"num_cpus": 0},
-        placement_group_bundles=gang_bundles(model, cuda),
+        logging_config=logging,
+        placement_group_bundles=model.gang_bundles(cuda),
         placement_group_strategy="STRICT_PACK" if cuda else "PACK",
         autoscaling_config=model.autoscaling.model_dump(exclude_none=True),  # NOTE: Serve's names
         max_ongoing_requests=model.max_num_seqs,
@@ -44,22 +57,30 @@ def model_deployment(model: ModelConfig, cuda: bool):
     )
 
 
-def build_app(args: dict | ServeConfig) -> Application:
+def build_app(args: dict | ServeConfig, log_level: str = "warning") -> Application:
+    """The application for a serving config, once every model passed `check_models` (else
+    ModelCheckError, one line per problem: nothing is deployed)."""
     config = args if isinstance(args, ServeConfig) else parse_config(args, "application args")
-    hub = MetricsHub.bind()
+    problems = check_models(config)
+    if problems:
+        raise ModelCheckError(problems)
+    logging = serve_logging(log_level)
+    hub = MetricsHub.options(logging_config=logging).bind()
     handles = {}
     for model in config.models:
         cuda = is_cuda(model)
-        handles[model.name] = model_deployment(model, cuda).bind(model.model_dump(), cuda, hub)
-    return _gateway(config).bind(config.model_dump(), handles, hub)
+        deployment = model_deployment(model, cuda, logging)
+        handles[model.name] = deployment.bind(model.model_dump(), cuda, hub)
+    return _gateway(config, logging).bind(config.model_dump(), handles, hub)
 
 
-def _gateway(config: ServeConfig):
+def _gateway(config: ServeConfig, logging: LoggingConfig):
     """The Gateway, given the builder's $MOE_SERVE_API_KEY: the replicas of a cluster joined
     with RAY_ADDRESS do not inherit the environment of the process that builds the app."""
     key = os.environ.get(API_KEY_ENV)
     if config.api_key is not None or not key:
-        return Gateway
+        return Gateway.options(logging_config=logging)
     return Gateway.options(
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {API_KEY_ENV: key}}}
+        logging_config=logging,
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {API_KEY_ENV: key}}},
     )

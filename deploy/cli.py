@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from models.tiny import ARCHS, TinySpec, write_tiny
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _add_tiny(sub: argparse._SubParsersAction) -> None:
@@ -43,19 +46,57 @@ def _run_tiny(args: argparse.Namespace) -> int:
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="serve the models of a config file (default: the demo)")
     p.add_argument("--config", help="YAML config file")
+    p.add_argument(
+        "--address",
+        help="join the Ray cluster at this address (default: $RAY_ADDRESS; neither: start a "
+        "private local Ray instance)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=LOG_LEVELS,
+        help="Ray's and Serve's own logs (default: warning); access lines are always printed",
+    )
     p.set_defaults(func=_run_serve)
 
 
+def ray_address(flag: str | None) -> str | None:
+    """The cluster to join: `--address`, else $RAY_ADDRESS; None: a private local instance."""
+    return flag or os.environ.get("RAY_ADDRESS") or None
+
+
 def _run_serve(args: argparse.Namespace) -> int:
-    from deploy.config import ConfigFileError, load_config
-    from deploy.serving import run
+    """Every model is checked before Ray starts: each problem is one line, exit status 2."""
+    from deploy.config import ConfigFileError, demo_config, load_config
+    from deploy.validate import check_address, check_models
 
     try:
-        config = load_config(args.config) if args.config else None
+        config = load_config(args.config) if args.config else demo_config()
     except ConfigFileError as exc:
-        print(f"moe-serve: {exc}", file=sys.stderr)
-        return 2
-    return run(config)
+        return _fail(str(exc).splitlines())
+    address = ray_address(args.address)
+    problems = check_address(address) if address else []
+    problems += check_models(config, local_gpus=None if address else _local_gpus())
+    if problems:
+        return _fail(problems)
+    # NOTE: before Ray is imported: the driver prints the replicas' lines (access lines,
+    # warnings) as they are, without Ray's "(ServeReplica:... pid=...)" prefix
+    os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+    from deploy.serving import run
+
+    return run(config, address, args.log_level)
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _fail(problems: list[str]) -> int:
+    for problem in problems:
+        print(f"moe-serve: {problem}", file=sys.stderr)
+    return 2
 
 
 def _add_workload_args(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from cluster.engine import EngineConfig
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"
 GIB = 1 << 30
+DEMO_ARCHS = ("olmoe", "jetmoe", "granitemoe")
 
 
 class ConfigFileError(ValueError):
@@ -97,6 +98,15 @@ class ModelConfig(Strict):
     def deployment_name(self) -> str:
         """The model's Serve deployment (Serve names allow fewer characters than ours)."""
         return "model-" + re.sub(r"[^A-Za-z0-9_-]+", "-", self.name)
+
+    def gang_bundles(self, is_cuda: bool) -> list[dict[str, float]]:
+        """A replica's placement group. Bundle 0: the engine actor (and the Serve replica
+        in front of it); bundles 1..N: one per expert shard."""
+        gpu = {"GPU": 1.0} if is_cuda else {}
+        bundles = [{"CPU": self.resources.replica_cpus} | gpu]
+        if self.expert_parallel_size > 1:
+            bundles += [{"CPU": self.resources.shard_cpus} | gpu] * self.expert_parallel_size
+        return bundles
 
     @model_validator(mode="after")
     def _one_kv_budget(self) -> ModelConfig:
@@ -179,3 +189,23 @@ def load_config(path: str | Path) -> ServeConfig:
     except yaml.YAMLError as exc:
         raise ConfigFileError(f"{path}: not valid YAML: {exc}") from None
     return parse_config(data, str(path))
+
+
+def demo_config() -> ServeConfig:
+    """Three tiny models, one per architecture, each with two expert shards, on CPU."""
+    return parse_config(
+        {
+            "models": [
+                {
+                    "name": f"tiny-{arch}",
+                    "source": f"tiny:{arch}",
+                    "device": "cpu",
+                    "expert_parallel_size": 2,
+                    "max_num_seqs": 32,
+                    "resources": {"replica_cpus": 0.25, "shard_cpus": 0.25},
+                }
+                for arch in DEMO_ARCHS
+            ]
+        },
+        "built-in demo",
+    )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from cluster.outputs import RequestOutput
 from cluster.params import RequestError, RequestLimits, SamplingParams
 from cluster.sampler import TokenLogprobs
+from deploy.access_log import AccessRecord
 from deploy.errors import ApiError, as_api_error
 from deploy.metrics import GatewayMetrics
 from models.tokenizer import TextTokenizer
@@ -157,13 +158,17 @@ class Frontend:
             queue.put_nowait(exc)
 
     async def collect(
-        self, endpoint: ModelEndpoint, prompts: list[list[int]], params: SamplingParams
+        self,
+        endpoint: ModelEndpoint,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        access: AccessRecord,
     ) -> tuple[list[PromptRun], list[ChoiceState]]:
         """Run to completion: per prompt its run, per choice (prompt i, sample j ->
         i * n + j) its accumulated state."""
         runs = [PromptRun(ids) for ids in prompts]
         choices = [ChoiceState() for _ in range(len(prompts) * params.n)]
-        tracker = self.metrics.track(endpoint.info.name, prompts)
+        tracker = self.metrics.track(endpoint.info.name, prompts, access)
         async with contextlib.aclosing(self.stream(endpoint, prompts, params)) as outputs:
             async for index, output in outputs:
                 tracker.on_output(index, output)

@@ -8,7 +8,7 @@ import logging
 
 import grpc
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 from cluster.params import RequestLimits
 from deploy import grpc_server, openai_server
+from deploy.access_log import AccessRecord, configure_access_log
 from deploy.config import ModelConfig, ServeConfig
 from deploy.errors import ApiError, as_api_error
 from deploy.frontend import Frontend, ModelEndpoint, ModelInfo
@@ -31,7 +32,8 @@ MAX_BODY_BYTES = 4 << 20
 HEALTH_TIMEOUT_S = 5.0
 READY_WITHIN_S = 10.0  # NOTE: replicas report every 2 s
 WATCH_PERIOD_S = 5.0
-HEALTH_SERVICES = ("", "moeserving.v1.MoEServing")
+GRPC_SERVICE = "moeserving.v1.MoEServing"
+HEALTH_SERVICES = ("", GRPC_SERVICE)
 
 app = FastAPI(title="moe-serve", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -42,10 +44,11 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 
 
 @app.exception_handler(HTTPException)
-async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     message = {404: "no such route", 405: "method not allowed"}.get(
         exc.status_code, str(exc.detail)
     )
+    AccessRecord(request.method, request.url.path, status=str(exc.status_code)).write()
     return JSONResponse(ApiError(exc.status_code, message).body(), status_code=exc.status_code)
 
 
@@ -93,6 +96,23 @@ def build_endpoint(model: ModelConfig, handle) -> ModelEndpoint:
     )
 
 
+async def _written_at_end(chunks, access: AccessRecord):
+    """A streamed body that writes its access line once it ends (or is cut off)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        access.write()
+
+
+def _write_grpc(access: AccessRecord, context) -> None:
+    code = context.code() if context is not None else None
+    access.status = (code or grpc.StatusCode.OK).name
+    access.write()
+
+
+# NOTE: every helper the class uses is defined above it: Serve pickles the class when it is
+# decorated, with the module's globals as they are then.
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
 @serve.ingress(app)
 class Gateway:
@@ -101,19 +121,27 @@ class Gateway:
         endpoints = {m.name: build_endpoint(m, handles[m.name]) for m in serve_config.models}
         self.frontend = Frontend(endpoints, serve_config.resolved_api_key(), GatewayMetrics())
         self.hub = hub
+        configure_access_log()
 
     async def _guarded(self, api: str, body_model, request: Request, handler):
-        model = "-"
+        """Run an API call; every outcome is an OpenAI-shaped response and one access line."""
+        access = AccessRecord(request.method, request.url.path)
         try:
             self.frontend.authorize(request.headers.get("authorization"))
             body = await parse_body(request, body_model)
-            model = body.model
-            response = await handler(self.frontend, body)
+            access.model = body.model
+            response = await handler(self.frontend, body, access)
         except Exception as exc:
             error = as_api_error(exc)
-            self.frontend.count(model, api, error.status)
+            self.frontend.count(access.model, api, error.status)
+            access.status = str(error.status)
+            access.write()
             return JSONResponse(error.body(), status_code=error.status)
-        self.frontend.count(model, api, 200)
+        self.frontend.count(access.model, api, 200)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = _written_at_end(response.body_iterator, access)
+        else:
+            access.write()
         return response
 
     @app.post("/v1/completions")
@@ -130,7 +158,14 @@ class Gateway:
 
     @app.get("/v1/models")
     async def models(self, request: Request):
-        self.frontend.authorize(request.headers.get("authorization"))
+        access = AccessRecord(request.method, request.url.path)
+        try:
+            self.frontend.authorize(request.headers.get("authorization"))
+        except ApiError as error:
+            access.status = str(error.status)
+            return JSONResponse(error.body(), status_code=error.status)
+        finally:
+            access.write()
         return models_body(e.info for e in self.frontend.endpoints.values())
 
     @app.get("/health")
@@ -162,14 +197,28 @@ class Gateway:
 
     # gRPC: Serve's proxy calls the method named like the RPC.
     async def Generate(self, request, grpc_context=None):
-        return await grpc_server.generate(self.frontend, request, grpc_context)
+        access = AccessRecord("gRPC", f"/{GRPC_SERVICE}/Generate", request.model)
+        try:
+            return await grpc_server.generate(self.frontend, request, grpc_context, access)
+        finally:
+            _write_grpc(access, grpc_context)
 
     async def GenerateStream(self, request, grpc_context=None):
-        async for response in grpc_server.generate_stream(self.frontend, request, grpc_context):
-            yield response
+        access = AccessRecord("gRPC", f"/{GRPC_SERVICE}/GenerateStream", request.model)
+        try:
+            async for response in grpc_server.generate_stream(
+                self.frontend, request, grpc_context, access
+            ):
+                yield response
+        finally:
+            _write_grpc(access, grpc_context)
 
     async def ListModels(self, request, grpc_context=None):
-        return grpc_server.list_models(self.frontend, grpc_context)
+        access = AccessRecord("gRPC", f"/{GRPC_SERVICE}/ListModels")
+        try:
+            return grpc_server.list_models(self.frontend, grpc_context)
+        finally:
+            _write_grpc(access, grpc_context)
 
     async def Check(self, request, grpc_context=None):
         """grpc.health.v1.Health/Check for "" or moeserving.v1.MoEServing."""

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from cluster.params import RequestError, SamplingParams
 from cluster.sampler import TokenLogprobs
+from deploy.access_log import AccessRecord
 from deploy.errors import ApiError, as_api_error
 from deploy.frontend import ChoiceState, Frontend, ModelEndpoint, PromptRun, request_id
 from models.tokenizer import TextTokenizer
@@ -137,11 +138,13 @@ def _fail(frontend: Frontend, model: str, api: str, context, exc: BaseException)
     return error
 
 
-async def generate(frontend: Frontend, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+async def generate(
+    frontend: Frontend, request: pb.GenerateRequest, context, access: AccessRecord
+) -> pb.GenerateResponse:
     try:
         authorize(frontend, context)
         endpoint, params, prompt = _prepare(frontend, request)
-        runs, choices = await frontend.collect(endpoint, [prompt], params)
+        runs, choices = await frontend.collect(endpoint, [prompt], params, access)
     except Exception as exc:
         _fail(frontend, request.model, "grpc_generate", context, exc)
         return pb.GenerateResponse()
@@ -158,7 +161,7 @@ async def generate(frontend: Frontend, request: pb.GenerateRequest, context) -> 
 
 
 async def generate_stream(
-    frontend: Frontend, request: pb.GenerateRequest, context
+    frontend: Frontend, request: pb.GenerateRequest, context, access: AccessRecord
 ) -> AsyncIterator[pb.GenerateStreamResponse]:
     try:
         authorize(frontend, context)
@@ -168,7 +171,7 @@ async def generate_stream(
         raise StreamAborted(error.message) from None
     rid, num_completion, echoed = request_id("gen"), 0, set()
     want = request.HasField("logprobs")
-    tracker = frontend.metrics.track(request.model, [prompt])
+    tracker = frontend.metrics.track(request.model, [prompt], access)
     outputs = frontend.stream(endpoint, [prompt], params)
     try:
         async for _, output in outputs:

@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ray import serve
 
 from cluster.outputs import RequestOutput
+from deploy.access_log import AccessRecord
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STALE_AFTER_S = 30.0
@@ -92,14 +93,22 @@ class ReplicaCollector:
 
 
 class RequestTracker:
-    """Timing of one API request (its prompts run concurrently)."""
+    """Timing and token counts of one API request (its prompts run concurrently), for the
+    metrics and the request's access line."""
 
-    def __init__(self, metrics: GatewayMetrics, model: str, prompts: list[list[int]]) -> None:
-        self.metrics, self.model = metrics, model
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        model: str,
+        prompts: list[list[int]],
+        access: AccessRecord,
+    ) -> None:
+        self.metrics, self.model, self.access = metrics, model, access
         self.start = time.monotonic()
         self.first: dict[tuple[int, int], float] = {}  # (prompt, choice) -> first token time
         self.tokens: dict[tuple[int, int], int] = {}
-        metrics.prompt_tokens.labels(model).inc(sum(len(p) for p in prompts))
+        access.prompt_tokens = sum(len(p) for p in prompts)
+        metrics.prompt_tokens.labels(model).inc(access.prompt_tokens)
 
     def on_output(self, index: int, output: RequestOutput) -> None:
         now = time.monotonic()
@@ -110,7 +119,12 @@ class RequestTracker:
                 if delta.index == 0:  # NOTE: TTFT once per prompt; its n samples start together
                     self.metrics.ttft.labels(self.model).observe(now - self.start)
             self.tokens[key] = self.tokens.get(key, 0) + new
+            self.access.completion_tokens += new
             self.metrics.generation_tokens.labels(self.model).inc(new)
+
+    def fail(self, status: int) -> None:
+        """The request failed after its response started (the error went in-band)."""
+        self.access.status = str(status)
 
     def done(self) -> None:
         end = time.monotonic()
@@ -168,8 +182,8 @@ class GatewayMetrics:
     def in_flight(self, model: str, delta: int) -> None:
         self.queue.labels(model).inc(delta)
 
-    def track(self, model: str, prompts: list[list[int]]) -> RequestTracker:
-        return RequestTracker(self, model, prompts)
+    def track(self, model: str, prompts: list[list[int]], access: AccessRecord) -> RequestTracker:
+        return RequestTracker(self, model, prompts, access)
 
     def count(self, model: str, api: str, status: int) -> None:
         self.requests.labels(model, api, str(status)).inc()

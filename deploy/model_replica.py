@@ -21,15 +21,6 @@ log = logging.getLogger(__name__)
 STATS_PERIOD_S = 2.0
 
 
-def gang_bundles(model: ModelConfig, is_cuda: bool) -> list[dict[str, float]]:
-    """Bundle 0: the engine actor (and this front); bundles 1..N: one per expert shard."""
-    gpu = {"GPU": 1.0} if is_cuda else {}
-    bundles = [{"CPU": model.resources.replica_cpus} | gpu]
-    if model.expert_parallel_size > 1:
-        bundles += [{"CPU": model.resources.shard_cpus} | gpu] * model.expert_parallel_size
-    return bundles
-
-
 @serve.deployment
 class ModelReplica:
     async def __init__(self, model: dict, is_cuda: bool, hub) -> None:

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from cluster.outputs import RequestOutput
 from cluster.params import SamplingParams
+from deploy.access_log import AccessRecord
 from deploy.errors import as_api_error
 from deploy.frontend import Frontend, ModelEndpoint, PromptRun, now, request_id
 from deploy.metrics import RequestTracker
@@ -32,15 +33,15 @@ def _prepare_completion(frontend: Frontend, body: CompletionRequest):
     return endpoint, params, prompts
 
 
-async def completions(frontend: Frontend, body: CompletionRequest):
+async def completions(frontend: Frontend, body: CompletionRequest, access: AccessRecord):
     endpoint, params, prompts = _prepare_completion(frontend, body)
     rid, created = request_id("cmpl"), now()
     if body.stream:
-        tracker = frontend.metrics.track(body.model, prompts)
+        tracker = frontend.metrics.track(body.model, prompts, access)
         outputs = await frontend.started(endpoint, prompts, params)
         chunks = _completion_chunks(outputs, tracker, endpoint, body, params, prompts, rid, created)
         return StreamingResponse(chunks, media_type="text/event-stream")
-    runs, choices = await frontend.collect(endpoint, prompts, params)
+    runs, choices = await frontend.collect(endpoint, prompts, params, access)
     return JSONResponse(
         completion_body(
             rid,
@@ -116,7 +117,9 @@ async def _completion_chunks(
                 }
             )
     except Exception as exc:  # NOTE: headers are sent: report in-band
-        yield sse(as_api_error(exc).body())
+        error = as_api_error(exc)
+        tracker.fail(error.status)
+        yield sse(error.body())
     finally:
         await outputs.aclose()
     yield SSE_DONE
@@ -131,15 +134,15 @@ def _prepare_chat(frontend: Frontend, body: ChatCompletionRequest):
     return endpoint, params, prompt
 
 
-async def chat_completions(frontend: Frontend, body: ChatCompletionRequest):
+async def chat_completions(frontend: Frontend, body: ChatCompletionRequest, access: AccessRecord):
     endpoint, params, prompt = _prepare_chat(frontend, body)
     rid, created = request_id("chatcmpl"), now()
     if body.stream:
-        tracker = frontend.metrics.track(body.model, [prompt])
+        tracker = frontend.metrics.track(body.model, [prompt], access)
         outputs = await frontend.started(endpoint, [prompt], params)
         chunks = _chat_chunks(outputs, tracker, endpoint, body, params, prompt, rid, created)
         return StreamingResponse(chunks, media_type="text/event-stream")
-    runs, choices = await frontend.collect(endpoint, [prompt], params)
+    runs, choices = await frontend.collect(endpoint, [prompt], params, access)
     return JSONResponse(
         chat_body(rid, created, body.model, runs[0], choices, body.logprobs, endpoint.tokenizer)
     )
@@ -206,7 +209,9 @@ async def _chat_chunks(
         if body.include_usage:
             yield chunk([], {"usage": usage(len(prompt), num_completion)})
     except Exception as exc:  # NOTE: headers are sent: report in-band
-        yield sse(as_api_error(exc).body())
+        error = as_api_error(exc)
+        tracker.fail(error.status)
+        yield sse(error.body())
     finally:
         await outputs.aclose()
     yield SSE_DONE

@@ -1,10 +1,14 @@
-"""`moe-serve run`: start (or join) Ray, start Serve's HTTP and gRPC proxies, deploy the app,
-print where it listens, block until SIGINT/SIGTERM, then shut everything down."""
+"""`moe-serve run`: start a private Ray instance (or join a cluster), start Serve's HTTP and gRPC
+proxies, deploy the app, print where it listens, block until SIGINT/SIGTERM, then shut
+everything down. The models were checked before (deploy/validate.py); a failure while
+deploying is one line, not a traceback."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -12,54 +16,59 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from deploy.app import APP_NAME, GRPC_SERVICERS, build_app
-from deploy.config import API_KEY_ENV, ServeConfig, parse_config
-from deploy.model_replica import gang_bundles
-
-DEMO_ARCHS = ("olmoe", "jetmoe", "granitemoe")
-
-
-def demo_config() -> ServeConfig:
-    """Three tiny models, one per architecture, each with two expert shards, on CPU."""
-    return parse_config(
-        {
-            "models": [
-                {
-                    "name": f"tiny-{arch}",
-                    "source": f"tiny:{arch}",
-                    "device": "cpu",
-                    "expert_parallel_size": 2,
-                    "max_num_seqs": 32,
-                    "resources": {"replica_cpus": 0.25, "shard_cpus": 0.25},
-                }
-                for arch in DEMO_ARCHS
-            ]
-        },
-        "built-in demo",
-    )
+from deploy.app import APP_NAME, GRPC_SERVICERS, build_app, serve_logging
+from deploy.config import API_KEY_ENV, ServeConfig
 
 
 def logical_cpus(config: ServeConfig) -> int:
     """CPUs a local Ray needs to place every replica at max scale (fractions add up)."""
     needed = sum(
-        sum(bundle["CPU"] for bundle in gang_bundles(m, False)) * m.autoscaling.max_replicas
+        sum(bundle["CPU"] for bundle in m.gang_bundles(False)) * m.autoscaling.max_replicas
         for m in config.models
     )
     return max(os.cpu_count() or 1, int(needed) + 2)
 
 
-def start(config: ServeConfig) -> None:
-    """Ray (joins RAY_ADDRESS if set), Serve with both proxies, the application."""
+class JoinError(RuntimeError):
+    """The Ray cluster at the given address did not let us in."""
+
+
+def init_ray(config: ServeConfig, address: str | None, log_level: str) -> None:
+    level = log_level.upper()
+    if address:
+        try:
+            ray.init(address=address, logging_level=level)
+        except ConnectionError as exc:
+            raise JoinError(_join_failure(address, exc)) from None
+    else:
+        # NOTE: "local": our own instance even where `ray start` left a cluster file behind
+        # (live or stale), which a plain ray.init() would try to join
+        ray.init(
+            address="local",
+            num_cpus=logical_cpus(config),
+            include_dashboard=False,
+            logging_level=level,
+        )
+
+
+def start(config: ServeConfig, address: str | None = None, log_level: str = "warning") -> None:
+    """Ray (the cluster at `address`, else a private local instance), Serve with both proxies,
+    the application."""
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"])
-        else:
-            ray.init(num_cpus=logical_cpus(config), include_dashboard=False)
+        init_ray(config, address, log_level)
+    logging.getLogger("ray.serve").setLevel(log_level.upper())  # NOTE: this process's Serve
     serve.start(
         http_options={"host": config.http.host, "port": config.http.port},
         grpc_options=gRPCOptions(port=config.grpc.port, grpc_servicer_functions=GRPC_SERVICERS),
+        logging_config=serve_logging(log_level),
     )
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(config, log_level), name=APP_NAME, route_prefix="/")
+
+
+def _join_failure(address: str, error: ConnectionError) -> str:
+    """Ray's reason (e.g. a token it was not given) is the cause of its ConnectionError."""
+    cause = _last_line(str(error.__cause__ or ""))
+    return f"could not join the Ray cluster at {address}" + (f": {cause}" if cause else "")
 
 
 def describe(config: ServeConfig) -> str:
@@ -78,24 +87,65 @@ def describe(config: ServeConfig) -> str:
     return "\n".join(lines)
 
 
+def failure_line(config: ServeConfig, error: Exception) -> str:
+    """A failed start as one line: the failing models' last error lines (Serve keeps each
+    deployment's error), else the exception's last line."""
+    causes = _deployment_errors(config) if ray.is_initialized() else []
+    if causes:
+        return "; ".join(causes)
+    if isinstance(error, JoinError):
+        return str(error)
+    return f"could not start: {_last_line(str(error)) or type(error).__name__}"
+
+
+def _deployment_errors(config: ServeConfig) -> list[str]:
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:  # NOTE: nothing more to learn from a cluster that is going away
+        return []
+    if app is None:
+        return []
+    names = {m.deployment_name: f"model {m.name!r}" for m in config.models}
+    return [
+        f"{names.get(name, name)} failed to start: {_last_line(status.message)}"
+        for name, status in app.deployments.items()
+        if status.status in ("DEPLOY_FAILED", "UNHEALTHY")
+    ]
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 def _trap_signals(stop: threading.Event) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
 
 
-def run(config: ServeConfig | None) -> int:
-    config = config or demo_config()
+def _shut_down() -> None:
+    print("shutting down", flush=True)
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+def run(config: ServeConfig, address: str | None = None, log_level: str = "warning") -> int:
+    """Serve `config` until SIGINT/SIGTERM: 0; 1 if it could not start (said in one line);
+    130 if interrupted while starting. Ray is shut down in every case."""
     stop = threading.Event()
-    _trap_signals(stop)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # NOTE: while starting: abort
     started = time.monotonic()
     try:
-        start(config)
-        _trap_signals(stop)  # NOTE: again: ray.init installs its own SIGTERM handler, which aborts
+        start(config, address, log_level)
+        _trap_signals(stop)  # NOTE: after ray.init, which installs its own SIGTERM handler
         print(f"ready in {time.monotonic() - started:.1f}s\n{describe(config)}", flush=True)
         stop.wait()
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # NOTE: Ray's and Serve's errors, reported as one line
+        print(f"moe-serve: {failure_line(config, exc)}", file=sys.stderr, flush=True)
+        return 1
     finally:
-        print("shutting down", flush=True)
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
+        _shut_down()
     return 0

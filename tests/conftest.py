@@ -19,7 +19,13 @@ def ray_cluster():
     """One local Ray instance for the whole session (logical CPUs: shards ask for fractions)."""
     import ray
 
-    ray.init(num_cpus=16, include_dashboard=False, logging_level="warning", configure_logging=False)
+    ray.init(
+        address="local",
+        num_cpus=16,
+        include_dashboard=False,
+        logging_level="warning",
+        configure_logging=False,
+    )
     yield ray
     ray.shutdown()
 

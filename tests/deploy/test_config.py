@@ -1,10 +1,17 @@
-"""The serving config file: defaults, strictness (unknown keys name key and file), mapping."""
+"""The serving config file: defaults, strictness (unknown keys name key and file), mapping; the
+checks every model passes before anything is deployed; where Ray runs."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import socket
+
 import pytest
 
+from deploy.cli import ray_address
 from deploy.config import API_KEY_ENV, ConfigFileError, load_config, parse_config
+from deploy.validate import ModelCheckError, check_address, check_models
 
 MINIMAL = """
 models:
@@ -94,12 +101,94 @@ def test_replica_config_mapping():
 
 
 def test_the_builders_api_key_reaches_the_gateway(monkeypatch):
-    from deploy.app import _gateway
+    from deploy.app import _gateway, serve_logging
 
     config = parse_config({"models": [{"name": "m", "source": "x"}]})
+    logging = serve_logging("warning")
     monkeypatch.delenv(API_KEY_ENV, raising=False)
-    assert "runtime_env" not in _gateway(config).ray_actor_options
+    assert "runtime_env" not in _gateway(config, logging).ray_actor_options
     monkeypatch.setenv(API_KEY_ENV, "from-the-environment")
-    options = _gateway(config).ray_actor_options
+    options = _gateway(config, logging).ray_actor_options
     assert options["runtime_env"]["env_vars"] == {API_KEY_ENV: "from-the-environment"}
     assert options["num_cpus"] == 0
+
+
+def _checkpoint(tiny_dirs, tmp_path, name: str, **changes) -> str:
+    """A copy of the tiny OLMoE checkpoint with config.json keys changed."""
+    directory = tmp_path / name
+    shutil.copytree(tiny_dirs["olmoe"], directory)
+    path = directory / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+    return str(directory)
+
+
+def test_model_checks_report_every_problem_in_one_line_each(tiny_dirs, tmp_path):
+    good = str(tiny_dirs["olmoe"])
+    no_tokenizer = _checkpoint(tiny_dirs, tmp_path, "no-tokenizer")
+    (tmp_path / "no-tokenizer" / "tokenizer.json").unlink()
+    models = [
+        {"name": "ok", "source": good, "expert_parallel_size": 8},
+        {"name": "foo", "source": _checkpoint(tiny_dirs, tmp_path, "foo", model_type="foo")},
+        {"name": "gone", "source": str(tmp_path / "absent")},
+        {"name": "wide", "source": good, "expert_parallel_size": 100},
+        {"name": "empty", "source": str(tmp_path)},
+        {"name": "no-tok", "source": no_tokenizer},
+    ]
+    problems = check_models(parse_config({"models": models}))
+    foo_config = tmp_path / "foo" / "config.json"
+    assert problems[0].startswith(f"model 'foo': {foo_config}: model_type 'foo'")
+    assert problems[1].startswith(f"model 'gone': model source '{tmp_path / 'absent'}'")
+    assert problems[2] == (
+        "model 'wide': expert_parallel_size 100 exceeds the model's 8 experts "
+        f"({tiny_dirs['olmoe'] / 'config.json'}: num_experts)"
+    )
+    assert problems[3] == f"model 'empty': {tmp_path}: no config.json (not a checkpoint directory)"
+    assert problems[4] == f"model 'no-tok': {no_tokenizer}: no tokenizer.json"
+    assert len(problems) == 5 and all("\n" not in p for p in problems)
+
+
+def test_gpu_needs_are_checked_only_against_a_local_machine(tiny_dirs):
+    model = {"name": "g", "source": str(tiny_dirs["olmoe"]), "device": "cuda"}
+    config = parse_config({"models": [model | {"expert_parallel_size": 2}]})
+    assert check_models(config) == []  # NOTE: a joined cluster's GPUs are elsewhere
+    assert check_models(config, local_gpus=3) == []
+    (problem,) = check_models(config, local_gpus=2)
+    assert problem.startswith("model 'g': device cuda with expert_parallel_size 2 needs 3 GPUs")
+    assert check_models(parse_config({"models": [model]}), local_gpus=1) == []
+
+
+def test_the_application_builder_refuses_models_that_fail_the_checks(tiny_dirs, tmp_path):
+    from deploy.app import build_app
+
+    models = [
+        {"name": "wide", "source": str(tiny_dirs["olmoe"]), "expert_parallel_size": 9},
+        {"name": "gone", "source": str(tmp_path / "absent")},
+    ]
+    with pytest.raises(ModelCheckError) as error:
+        build_app({"models": models})
+    assert [line.split(":")[0] for line in str(error.value).splitlines()] == [
+        "model 'wide'",
+        "model 'gone'",
+    ]
+
+
+def test_ray_address_flag_then_environment_else_a_private_instance(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_address(None) is None
+    assert ray_address("10.0.0.1:6379") == "10.0.0.1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert ray_address(None) == "10.0.0.2:6379"
+    assert ray_address("10.0.0.1:6379") == "10.0.0.1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    assert ray_address(None) is None
+
+
+def test_a_cluster_address_must_answer():
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        assert check_address(address) == []
+    (problem,) = check_address(address)
+    assert problem.startswith(f"no Ray cluster answers at {address}")
+    assert check_address("ray://head:10001") == check_address("auto") == []
