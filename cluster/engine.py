@@ -37,6 +37,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # default: DEFAULT_KV_CACHE_BYTES, capped at what
     # max_num_seqs sequences of max_model_len tokens can use
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True  # reuse computed KV blocks of a prompt's cached prefix
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
@@ -59,6 +60,11 @@ def _num_blocks(config: EngineConfig, model: MoeForCausalLM, max_model_len: int)
     return blocks
 
 
+def _max_cacheable_len(model: MoeForCausalLM) -> int | None:
+    rope = model.config.rope
+    return rope.original_max_position if rope.scaling_type == "dynamic" else None
+
+
 def _random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
 
@@ -77,7 +83,9 @@ class Engine:
                 f"({self.max_model_len}): a longer prompt could never be scheduled"
             )
         num_blocks = _num_blocks(config, model, self.max_model_len)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching, _max_cacheable_len(model)
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_seqs,
@@ -89,6 +97,9 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.requests: dict[str, RequestState] = {}
         self.owner: dict[int, tuple[RequestState, int]] = {}  # seq_id -> (request, index)
+        # seq_id of a request's first sample -> its other samples, queued once the first has
+        # computed the prompt, so that they take its blocks from the prefix cache
+        self.held: dict[int, list[Sequence]] = {}
         self.seq_ids = itertools.count()
         self.eos_ids = frozenset(model.config.eos_token_ids)
         self.limits = RequestLimits(model.config.vocab_size, self.max_model_len)
@@ -129,17 +140,35 @@ class Engine:
             )
             for _ in seqs
         ]
+        # NOTE: the first sample computes the prompt logprobs: it must compute its whole prompt
+        seqs[0].can_hit_cache = params.prompt_logprobs is None
         state = RequestState(request_id, list(prompt_ids), params, seqs, rows, streams)
         self.requests[request_id] = state
         for index, seq in enumerate(seqs):
             self.owner[seq.seq_id] = (state, index)
-            self.scheduler.add(seq)
+        self.scheduler.add(seqs[0])
+        if self._is_prompt_shareable(len(prompt_ids)):
+            self.held[seqs[0].seq_id] = seqs[1:]
+        else:
+            for seq in seqs[1:]:
+                self.scheduler.add(seq)
+
+    def _is_prompt_shareable(self, num_prompt_tokens: int) -> bool:
+        """Whether a later sample would find a full block of the prompt cached."""
+        return num_prompt_tokens > self.config.block_size and self.blocks.is_cacheable(
+            num_prompt_tokens
+        )
+
+    def _release_held(self, seq: Sequence) -> None:
+        for held in reversed(self.held.pop(seq.seq_id, [])):
+            self.scheduler.add(held, is_first_in_line=True)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its cache blocks; its last output (or None if unknown)."""
         state = self.requests.get(request_id)
         if state is None:
             return None
+        self._release_held(state.seqs[0])
         unfinished = {i for i, seq in enumerate(state.seqs) if not seq.is_finished}
         for i in unfinished:
             self.scheduler.finish(state.seqs[i], "abort")
@@ -159,6 +188,7 @@ class Engine:
         self.scheduler.update(out, {s.seq_id: t for s, t in zip(sampling, tokens, strict=True)})
         changed: dict[str, set[int]] = {}
         for seq, lp in zip(sampling, logprobs, strict=True):
+            self._release_held(seq)
             state, index = self.owner[seq.seq_id]
             self._on_token(state, index, seq, lp)
             changed.setdefault(state.request_id, set()).add(index)
@@ -229,4 +259,6 @@ class Engine:
             "num_blocks": self.blocks.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_steps": self.num_steps,
+            "prefix_cache_queries": self.scheduler.num_queried_tokens,
+            "prefix_cache_hits": self.scheduler.num_hit_tokens,
         }

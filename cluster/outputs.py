@@ -33,6 +33,9 @@ class RequestOutput:
     # First output after the prompt is processed, when prompt logprobs were asked:
     # one entry per prompt token (None for the first token).
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    # Prompt tokens served from the prefix cache (OpenAI's prompt_tokens_details.cached_tokens):
+    # the first sample's figure at its first admission (0 before it is admitted).
+    num_cached_tokens: int = 0
 
 
 @dataclass
@@ -88,4 +91,5 @@ class RequestState:
             sum(seq.num_output_tokens for seq in self.seqs),
             self.is_finished,
             self.take_prompt_logprobs(),
+            self.seqs[0].num_cached_tokens or 0,
         )

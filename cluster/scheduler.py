@@ -3,7 +3,8 @@
 Each step, running sequences are served first (in arrival order): a decode token, or the next
 chunk of a prompt. A sequence that cannot get a cache block preempts the most recently arrived
 running sequence (its blocks are freed; it is recomputed later, first in line). Then waiting
-sequences are admitted in arrival order while the budgets and free blocks allow.
+sequences are admitted in arrival order while the budgets and free blocks allow, each starting
+after the longest prefix the block manager finds cached.
 """
 
 from __future__ import annotations
@@ -58,14 +59,21 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # since start
+        # Prefix cache, over first admissions only (recomputes after preemption left out):
+        self.num_queried_tokens = 0  # prompt tokens looked up
+        self.num_hit_tokens = 0  # prompt tokens served from the cache
 
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, is_first_in_line: bool = False) -> None:
+        """Queue `seq` last, or first (a sample of a request already admitted)."""
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        if is_first_in_line:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -74,17 +82,17 @@ class Scheduler:
             self._admit_waiting(out, budget)
         return out
 
-    def _chunk(self, seq: Sequence, budget: int) -> int:
-        """Tokens of `seq` to compute within `budget` (0: not this step)."""
-        if seq.num_uncomputed <= budget:
-            return seq.num_uncomputed
+    def _chunk(self, num_uncomputed: int, budget: int) -> int:
+        """Tokens of `num_uncomputed` to compute within `budget` (0: not this step)."""
+        if num_uncomputed <= budget:
+            return num_uncomputed
         return budget if self.config.enable_chunked_prefill else 0
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            num_tokens = self._chunk(seq, budget)
+            num_tokens = self._chunk(seq.num_uncomputed, budget)
             if num_tokens == 0:
                 break
             if not self._make_room(seq, seq.num_computed_tokens + num_tokens, out):
@@ -116,20 +124,36 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            num_tokens = self._chunk(seq, budget)
-            if num_tokens == 0 or not self.blocks.can_allocate(seq, num_tokens):
+            cached_ids = self.blocks.lookup(seq)
+            num_cached = len(cached_ids) * self.blocks.block_size
+            num_tokens = self._chunk(seq.num_tokens - num_cached, budget)
+            if num_tokens == 0 or not self.blocks.can_allocate(
+                seq, num_cached + num_tokens, cached_ids
+            ):
                 break  # NOTE: FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
-            self.blocks.allocate(seq, num_tokens)
+            self.blocks.allocate(seq, num_cached + num_tokens, cached_ids)
+            seq.num_computed_tokens = num_cached
+            self._count_hit(seq, num_cached)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(_scheduled(seq, num_tokens))
             budget -= num_tokens
 
+    def _count_hit(self, seq: Sequence, num_cached: int) -> None:
+        if seq.num_cached_tokens is not None:
+            return  # NOTE: a recompute after preemption keeps its first figure
+        seq.num_cached_tokens = num_cached
+        if self.blocks.enable_prefix_caching:
+            self.num_queried_tokens += seq.num_prompt_tokens
+            self.num_hit_tokens += num_cached
+
     def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
-        """Advance computed counts; append each sampling sequence's new token."""
+        """Advance computed counts, register newly full blocks with the prefix cache, append
+        each sampling sequence's new token."""
         for item in out.scheduled:
             item.seq.num_computed_tokens = item.start + item.num_tokens
+            self.blocks.register(item.seq)
             if item.is_sampling:
                 item.seq.token_ids.append(sampled[item.seq.seq_id])
 

@@ -25,6 +25,11 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # Prefix caching (cluster/block_manager.py):
+    can_hit_cache: bool = True  # False: its prompt must be computed (prompt logprobs)
+    num_cached_tokens: int | None = None  # taken from the cache at the first admission
+    block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of full blocks so far
+    num_registered_blocks: int = 0  # leading block_ids already offered to the cache
 
     @property
     def num_tokens(self) -> int:

@@ -15,8 +15,10 @@ def make_seq(prompt_len: int, max_tokens: int = 100) -> Sequence:
     return Sequence(next(_ids), list(range(prompt_len)), prompt_len, max_tokens)
 
 
-def make_scheduler(num_blocks=64, block_size=4, **config) -> Scheduler:
-    return Scheduler(SchedulerConfig(**config), BlockManager(num_blocks, block_size))
+def make_scheduler(num_blocks=64, block_size=4, prefix_caching=False, **config) -> Scheduler:
+    """NOTE: prefix caching off unless asked: make_seq's prompts all share their tokens."""
+    blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
+    return Scheduler(SchedulerConfig(**config), blocks)
 
 
 def run_step(scheduler: Scheduler, token: int = 7) -> SchedulerOutput:
