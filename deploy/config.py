@@ -89,6 +89,7 @@ class ModelConfig(Strict):
     block_size: int = Field(16, ge=1, le=256)
     kv_cache_blocks: int | None = Field(None, ge=1)
     kv_cache_memory_gb: float | None = Field(None, gt=0)
+    enable_prefix_caching: bool = True  # reuse cached KV blocks of shared prompt prefixes
     max_queued_requests: int = Field(64, ge=1)  # beyond: 429 / RESOURCE_EXHAUSTED at once
     collective_timeout_s: float = Field(30.0, gt=0)
     autoscaling: AutoscalingConfig = AutoscalingConfig()
@@ -124,6 +125,7 @@ class ModelConfig(Strict):
             block_size=self.block_size,
             num_kv_blocks=self.kv_cache_blocks,
             kv_cache_bytes=int(memory * GIB) if memory is not None else None,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
         return ReplicaConfig(
             checkpoint,

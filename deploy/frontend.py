@@ -55,6 +55,7 @@ class PromptRun:
 
     prompt_ids: list[int]
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    num_cached_tokens: int = 0  # served from the prefix cache
 
 
 class Frontend:
@@ -174,6 +175,7 @@ class Frontend:
                 tracker.on_output(index, output)
                 if output.prompt_logprobs is not None:
                     runs[index].prompt_logprobs = output.prompt_logprobs
+                runs[index].num_cached_tokens = tracker.cached.get(index, 0)
                 for delta in output.deltas:
                     state = choices[index * params.n + delta.index]
                     state.text += delta.text

@@ -117,11 +117,12 @@ def _choice(
     )
 
 
-def _usage(num_prompt: int, num_completion: int) -> pb.Usage:
+def _usage(num_prompt: int, num_completion: int, num_cached: int) -> pb.Usage:
     return pb.Usage(
         prompt_tokens=num_prompt,
         completion_tokens=num_completion,
         total_tokens=num_prompt + num_completion,
+        cached_tokens=num_cached,
     )
 
 
@@ -156,7 +157,7 @@ async def generate(
         id=request_id("gen"),
         model=request.model,
         choices=[_choice(endpoint.tokenizer, i, c, echo, want) for i, c in enumerate(choices)],
-        usage=_usage(len(prompt), num_completion),
+        usage=_usage(len(prompt), num_completion, runs[0].num_cached_tokens),
     )
 
 
@@ -190,7 +191,9 @@ async def generate_stream(
             yield pb.GenerateStreamResponse(id=rid, model=request.model, choices=choices)
         tracker.done()
         yield pb.GenerateStreamResponse(
-            id=rid, model=request.model, usage=_usage(len(prompt), num_completion)
+            id=rid,
+            model=request.model,
+            usage=_usage(len(prompt), num_completion, tracker.num_cached_tokens),
         )
         frontend.count(request.model, "grpc_generate_stream", 200)
     except Exception as exc:

@@ -60,6 +60,8 @@ class ReplicaCollector:
                 ("preemptions", "sequences preempted"),
                 ("shard_rebuilds", "expert shard group rebuilds"),
                 ("engine_steps", "engine steps"),
+                ("prefix_cache_queries", "prompt tokens looked up in the prefix cache"),
+                ("prefix_cache_hits", "prompt tokens served from the prefix cache"),
             )
         }
         experts = CounterMetricFamily(
@@ -78,6 +80,8 @@ class ReplicaCollector:
             counters["preemptions"].add_metric(key, stats["num_preemptions"])
             counters["shard_rebuilds"].add_metric(key, stats["num_rebuilds"])
             counters["engine_steps"].add_metric(key, stats["num_steps"])
+            counters["prefix_cache_queries"].add_metric(key, stats["prefix_cache_queries"])
+            counters["prefix_cache_hits"].add_metric(key, stats["prefix_cache_hits"])
             dispatch = stats.get("dispatch")
             if dispatch:
                 for layer, row in enumerate(dispatch["expert_tokens"]):
@@ -107,11 +111,14 @@ class RequestTracker:
         self.start = time.monotonic()
         self.first: dict[tuple[int, int], float] = {}  # (prompt, choice) -> first token time
         self.tokens: dict[tuple[int, int], int] = {}
+        self.cached: dict[int, int] = {}  # prompt -> its tokens served from the prefix cache
         access.prompt_tokens = sum(len(p) for p in prompts)
         metrics.prompt_tokens.labels(model).inc(access.prompt_tokens)
 
     def on_output(self, index: int, output: RequestOutput) -> None:
         now = time.monotonic()
+        if output.num_cached_tokens:
+            self.cached[index] = output.num_cached_tokens
         for delta in output.deltas:
             key, new = (index, delta.index), len(delta.token_ids)
             if new and key not in self.first:
@@ -121,6 +128,10 @@ class RequestTracker:
             self.tokens[key] = self.tokens.get(key, 0) + new
             self.access.completion_tokens += new
             self.metrics.generation_tokens.labels(self.model).inc(new)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return sum(self.cached.values())
 
     def fail(self, status: int) -> None:
         """The request failed after its response started (the error went in-band)."""

@@ -10,11 +10,12 @@ from deploy.frontend import ChoiceState, PromptRun
 from models.tokenizer import TextTokenizer
 
 
-def usage(num_prompt: int, num_completion: int) -> dict[str, int]:
+def usage(num_prompt: int, num_completion: int, num_cached: int) -> dict[str, Any]:
     return {
         "prompt_tokens": num_prompt,
         "completion_tokens": num_completion,
         "total_tokens": num_prompt + num_completion,
+        "prompt_tokens_details": {"cached_tokens": num_cached},
     }
 
 
@@ -122,7 +123,7 @@ def completion_body(
         "created": created,
         "model": model,
         "choices": body_choices,
-        "usage": usage(num_prompt, num_completion),
+        "usage": usage(num_prompt, num_completion, sum(r.num_cached_tokens for r in runs)),
     }
 
 
@@ -151,7 +152,7 @@ def chat_body(
         "created": created,
         "model": model,
         "choices": body_choices,
-        "usage": usage(len(run.prompt_ids), num_completion),
+        "usage": usage(len(run.prompt_ids), num_completion, run.num_cached_tokens),
     }
 
 

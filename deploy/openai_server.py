@@ -113,7 +113,9 @@ async def _completion_chunks(
                     "created": created,
                     "model": body.model,
                     "choices": [],
-                    "usage": usage(sum(map(len, prompts)), num_completion),
+                    "usage": usage(
+                        sum(map(len, prompts)), num_completion, tracker.num_cached_tokens
+                    ),
                 }
             )
     except Exception as exc:  # NOTE: headers are sent: report in-band
@@ -207,7 +209,8 @@ async def _chat_chunks(
                 )
         tracker.done()
         if body.include_usage:
-            yield chunk([], {"usage": usage(len(prompt), num_completion)})
+            cached = tracker.num_cached_tokens
+            yield chunk([], {"usage": usage(len(prompt), num_completion, cached)})
     except Exception as exc:  # NOTE: headers are sent: report in-band
         error = as_api_error(exc)
         tracker.fail(error.status)

@@ -121,3 +121,12 @@ def test_health_service(channel):
     watch.cancel()
     unknown = health.Watch(health_pb2.HealthCheckRequest(service="other.Service"))
     assert [r.status for r in unknown] == [health_pb2.HealthCheckResponse.SERVICE_UNKNOWN]
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens(stub, auth):
+    ids = pb.TokenIds(ids=[11 + (i * 53) % 190 for i in range(40)])  # NOTE: shared by no test
+    request = pb.GenerateRequest(model="granite", prompt_token_ids=ids, max_tokens=2)
+    assert stub.Generate(request, metadata=auth).usage.cached_tokens == 0
+    # NOTE: 40 prompt tokens: two whole blocks of 16 cached, the last token always computed
+    assert stub.Generate(request, metadata=auth).usage.cached_tokens == 32
+    assert list(stub.GenerateStream(request, metadata=auth))[-1].usage.cached_tokens == 32

@@ -206,6 +206,8 @@ def test_health_and_metrics(server, client):
         "moe_serve_kv_cache_usage_ratio",
         "moe_serve_dispatch_bytes_total",
         "moe_serve_expert_tokens_total{",
+        "moe_serve_prefix_cache_queries_total{",
+        "moe_serve_prefix_cache_hits_total{",
     ):
         assert name in text, name
 
@@ -251,3 +253,37 @@ def test_streamed_logprobs_equal_unary_with_echo(client):
     assert streamed["tokens"] == unary.tokens and len(unary.tokens) == 3 + 6
     assert streamed["text_offset"] == unary.text_offset
     assert streamed["token_logprobs"] == pytest.approx(unary.token_logprobs)
+
+
+def _cached_tokens_expected(prompt_len: int, block_size: int = 16) -> int:
+    """Whole cache blocks of the prompt, keeping its last token to compute (its logits)."""
+    return (prompt_len - 1) // block_size * block_size
+
+
+@pytest.mark.parametrize("model", ["olmoe", "jetmoe"])
+def test_a_repeated_prompt_reports_its_cached_tokens(client, model):
+    prompt = [7 + (i * 37 + len(model)) % 200 for i in range(45)]  # NOTE: shared by no test
+    args = dict(model=model, prompt=prompt, max_tokens=2, temperature=0)
+    cold = client.completions.create(**args)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    warm = client.completions.create(**args)
+    assert warm.usage.prompt_tokens_details.cached_tokens == _cached_tokens_expected(45) == 32
+    assert warm.choices[0].text == cold.choices[0].text
+    chunks = list(
+        client.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 32
+    body = {"model": model, "messages": [{"role": "user", "content": "hi " * 30}]}
+    first, second = (
+        httpx.post(
+            f"{client.base_url}chat/completions",
+            json=body | {"max_tokens": 2},
+            headers={"Authorization": f"Bearer {client.api_key}"},
+            timeout=120,
+        ).json()
+        for _ in range(2)
+    )
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    num_prompt = second["usage"]["prompt_tokens"]
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == _cached_tokens_expected(num_prompt) > 0
