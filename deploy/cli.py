@@ -158,6 +158,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     report = kinds.add_parser("report", help="run every benchmark, write performance.md")
     report.add_argument("--out", type=Path, default=Path("docs"))
     report.set_defaults(func=_run_bench_report)
+    prefix = kinds.add_parser("prefix", help="TTFT with a shared prompt prefix cached vs cold")
+    prefix.add_argument("--checkpoint", required=True)
+    prefix.add_argument("--prefix-len", type=_positive_int, default=440)
+    prefix.add_argument("--suffix-len", type=_positive_int, default=16)
+    prefix.add_argument("--num-requests", type=_positive_int, default=8)
+    prefix.add_argument("--repeats", type=_positive_int, default=3)
+    prefix.add_argument("--dtype", default=None)
+    prefix.set_defaults(func=_run_bench_prefix)
     step = kinds.add_parser("step", help="decode step time vs batch for EP sizes, bytes moved")
     step.add_argument("--checkpoint", required=True)
     step.add_argument("--ep", default="1,2,4", help="expert-parallel sizes, comma separated")
@@ -216,6 +224,21 @@ def _run_bench_report(args: argparse.Namespace) -> int:
     from deploy.bench.report import run_report
 
     print(f"wrote {run_report(args.out)}")
+    return 0
+
+
+def _run_bench_prefix(args: argparse.Namespace) -> int:
+    from deploy.bench.prefix_bench import bench_prefix
+
+    report = bench_prefix(
+        args.checkpoint,
+        args.prefix_len,
+        args.suffix_len,
+        args.num_requests,
+        args.repeats,
+        args.dtype,
+    )
+    print(json.dumps(report, indent=2))
     return 0
 
 

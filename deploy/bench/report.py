@@ -7,6 +7,7 @@ sweeps HTTP (and gRPC) load with the transformers baseline in the same run.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -18,6 +19,7 @@ from deploy.bench.engine_bench import bench_engine
 from deploy.bench.online import Target
 from deploy.bench.online_report import bench_online
 from deploy.bench.plots import step_plot
+from deploy.bench.prefix_bench import bench_prefix
 from deploy.bench.report_markdown import median_step_run, render
 from deploy.bench.step_bench import measure
 from deploy.bench.workload import Workload
@@ -140,8 +142,10 @@ def run_report(docs: Path) -> Path:
 
     ray.shutdown()
     step_plot(median_step_run(step_runs), out / "decode_step.png")
+    prefix = bench_prefix(path)
+    (out / "prefix.json").write_text(json.dumps(prefix, indent=2) + "\n")
     online = online_section(path, out)
-    markdown = render(machine(), engine, step_runs, online, time.monotonic() - started)
+    markdown = render(machine(), engine, step_runs, online, prefix, time.monotonic() - started)
     target = docs / "performance.md"
     target.write_text(markdown)
     return target

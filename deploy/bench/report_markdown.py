@@ -178,8 +178,32 @@ STEP_NOTE = (
 )
 
 
+def _prefix_table(prefix: dict) -> str:
+    return "\n".join(
+        [
+            "| requests | shared prefix | own suffix | TTFT cached | TTFT cold | ratio | "
+            "cached tokens |",
+            "|---|---|---|---|---|---|---|",
+            f"| {prefix['num_requests']} | {prefix['prefix_tokens']} | {prefix['suffix_tokens']} "
+            f"| {prefix['ttft_cached_ms']:.0f} ms | {prefix['ttft_cold_ms']:.0f} ms "
+            f"| **{prefix['ratio']:.2f}x** | {', '.join(map(str, prefix['cached_tokens']))} |",
+        ]
+    )
+
+
+PREFIX_NOTE = (
+    "All requests added at once to the in-process engine, `max_tokens` 1; cached: one request "
+    "computed the prefix first; cold: prefix caching off. Mean TTFT, median of the repeats."
+)
+
+
 def render(
-    machine: str, engine: dict, step_runs: list[list[dict]], online: dict, seconds: float
+    machine: str,
+    engine: dict,
+    step_runs: list[list[dict]],
+    online: dict,
+    prefix: dict,
+    seconds: float,
 ) -> str:
     date = datetime.date.today().isoformat()
     return (
@@ -203,6 +227,12 @@ def render(
                 _step_table(median_step_run(step_runs)),
                 "",
                 "![decode step](perf/decode_step.png)",
+                "",
+                "## Prefix caching (`moe-serve bench prefix`)",
+                "",
+                PREFIX_NOTE,
+                "",
+                _prefix_table(prefix),
                 "",
                 "## Served over HTTP and gRPC (`moe-serve bench online`)",
                 "",

@@ -34,3 +34,13 @@ def test_engine_threads_limit_the_engine_side_only(tiny_dirs, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["engine"]["threads"] == 1 and "transformers" not in report
     assert torch.get_num_threads() == before
+
+
+def test_prefix_bench_reports_cached_tokens_and_a_ratio(tiny_dirs, capsys):
+    args = "--prefix-len 37 --suffix-len 3 --num-requests 3 --repeats 1".split()
+    code = main(["bench", "prefix", "--checkpoint", str(tiny_dirs["jetmoe"]), *args])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    # NOTE: 37 shared tokens hold two whole blocks of 16; the rest is computed per request
+    assert report["cached_tokens"] == [32]
+    assert report["ratio"] == report["ttft_cached_ms"] / report["ttft_cold_ms"] > 0

@@ -43,7 +43,17 @@ def _markdown(served: float, ep2_ms_runs: tuple[float, ...]) -> str:
     }
     ep2 = {"levels": [_level(16, 100.0 * served)], "transformers": {"output_tokens_per_s": 100.0}}
     online = {"ep2": ep2 | {"speedup": served}, "ep1": ep2, "grpc": ep2}
-    return render("test machine", engine, [_steps(ms) for ms in ep2_ms_runs], online, 600.0)
+    prefix = {
+        "num_requests": 8,
+        "prefix_tokens": 440,
+        "suffix_tokens": 16,
+        "ttft_cached_ms": 30.0,
+        "ttft_cold_ms": 200.0,
+        "ratio": 0.15,
+        "cached_tokens": [432],
+    }
+    steps = [_steps(ms) for ms in ep2_ms_runs]
+    return render("test machine", engine, steps, online, prefix, 600.0)
 
 
 def test_targets_are_judged_from_the_numbers():
@@ -61,3 +71,8 @@ def test_every_section_and_the_one_thread_row_are_rendered():
     assert "| 2 | 16 | 120.0 | 1.20x | 1010 | 1000 | +1.0% |" in text
     assert text.count("| HTTP, EP=2 | 16 |") == 1 and "| gRPC, EP=2 | 16 |" in text
     assert "Machine: test machine" in text and "the whole run took 10 minutes" in text
+
+
+def test_prefix_caching_row_shows_both_times_and_the_ratio():
+    text = _markdown(served=3.2, ep2_ms_runs=(150.0,))
+    assert "| 8 | 440 | 16 | 30 ms | 200 ms | **0.15x** | 432 |" in text
