@@ -123,7 +123,7 @@ class RayShardLauncher(ShardLauncher):
     def stop(self):
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        self.actors, self.serving = [], []
+        self.actors, self.serving, self.pids = [], [], []
 
     def parameter_summaries(self):
         return list(self.summaries)
