@@ -172,6 +172,10 @@ class EngineActor:
     def shard_pids(self) -> list[int]:
         return list(self.core.launcher.pids) if self.core.dispatcher else []
 
+    def pids(self) -> dict:
+        """This actor's process id and its shards' (tests: kill one to see what recovers)."""
+        return {"engine": os.getpid(), "shards": self.shard_pids()}
+
     def shard_handles(self) -> list:
         """The shard actors (tests: `ray.kill` one to see the replica recover)."""
         return list(self.core.launcher.actors) if self.core.dispatcher else []
