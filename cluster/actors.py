@@ -123,7 +123,7 @@ class RayShardLauncher(ShardLauncher):
     def stop(self):
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        self.actors, self.serving = [], []
+        self.actors, self.serving, self.pids = [], [], []
 
     def parameter_summaries(self):
         return list(self.summaries)
@@ -171,6 +171,10 @@ class EngineActor:
 
     def shard_pids(self) -> list[int]:
         return list(self.core.launcher.pids) if self.core.dispatcher else []
+
+    def pids(self) -> dict:
+        """This actor's process id and its shards' (tests: kill one to see what recovers)."""
+        return {"engine": os.getpid(), "shards": self.shard_pids()}
 
     def shard_handles(self) -> list:
         """The shard actors (tests: `ray.kill` one to see the replica recover)."""

@@ -10,7 +10,6 @@ thread, hence the separate actor.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -22,11 +21,9 @@ from cluster.outputs import RequestOutput
 from cluster.params import RequestError, SamplingParams
 from cluster.placement import ExpertPlacement, Strategy
 from cluster.shard import is_mlp_expert
-from cluster.transport import CollectiveTransport, host_store, local_ip
+from cluster.shard_group import RebuildPolicy, ShardGroup
 from models.registry import load_model
 from models.tokenizer import TextTokenizer
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,6 +36,8 @@ class ReplicaConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     collective_timeout_s: float = 30.0  # every collective, and the shards' join
     idle_ping_s: float = 1.0  # keepalive to idle shards (detects a dead shard while idle)
+    max_rebuild_failures: int = 3  # failed shard rebuilds in a row before giving up (unhealthy)
+    rebuild_backoff_s: float = 2.0  # wait after a failed rebuild; doubles after each one
 
 
 @dataclass(frozen=True)
@@ -75,12 +74,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 class EngineCore:
-    """With expert parallelism, a failed or hung shard fails the requests in flight, then the
-    shards and their group are rebuilt before the step returns."""
+    """With expert parallelism, a failed or hung shard fails the requests in flight at once;
+    the shards and their group are rebuilt on the next step or idle tick (`ShardGroup`)."""
 
     def __init__(self, config: ReplicaConfig, launcher: ShardLauncher | None = None) -> None:
         self.config, self.device = config, resolve_device(config.device)
-        self.num_rebuilds = 0
         is_parallel = config.expert_parallel_size > 1
         model = load_model(
             config.checkpoint,
@@ -94,40 +92,23 @@ class EngineCore:
         # collective does not wait for the KV cache allocation
         self.engine = Engine(model, self.tokenizer, config.engine)
         self.dispatcher: Dispatcher | None = None
+        self.shards: ShardGroup | None = None
         if is_parallel:
             if launcher is None:
                 raise ValueError("expert_parallel_size > 1 needs a shard launcher")
-            self.placement = ExpertPlacement(
+            placement = self.placement = ExpertPlacement(
                 model.config.num_experts, config.expert_parallel_size, config.placement
             )
             self.launcher = launcher
-            self.dispatcher = Dispatcher(self.placement, model)
+            self.dispatcher = Dispatcher(placement, model)
             install_expert_parallel(model, self.dispatcher)
-            self._connect()
-
-    def _connect(self) -> None:
-        host, world_size = local_ip(), self.config.expert_parallel_size + 1
-        store = host_store(host, world_size, self.config.collective_timeout_s)
-        spec = ShardSpec(
-            self.config.checkpoint,
-            self.config.dtype,
-            self.device.type,
-            self.config.collective_timeout_s,
-        )
-        self.launcher.start(spec, self.placement.shard_expert_ids, host, store.port)
-        self.dispatcher.attach(
-            CollectiveTransport(
-                store, 0, world_size, self.device, self.config.collective_timeout_s, host
+            spec = ShardSpec(
+                config.checkpoint, config.dtype, self.device.type, config.collective_timeout_s
             )
-        )
-        self._store = store  # NOTE: keep the rendezvous alive while the group lives
-
-    def _rebuild(self, error: BaseException) -> None:
-        log.warning("rebuilding expert shards after: %s", error)
-        self._disconnect()
-        self.launcher.stop()
-        self._connect()
-        self.num_rebuilds += 1
+            policy = RebuildPolicy(config.max_rebuild_failures, config.rebuild_backoff_s)
+            self.shards = ShardGroup(
+                spec, placement, launcher, self.dispatcher, self.device, policy
+            )
 
     def step(self, message: StepInput) -> StepOutput:
         """Apply aborts and new requests, run one engine step if there is work."""
@@ -136,7 +117,12 @@ class EngineCore:
             output = self.engine.abort(request_id)
             if output is not None:
                 outputs.append(output)
+        if self.shards is not None:
+            self.shards.try_rebuild()
         for request in message.new:
+            if self.shards is not None and not self.shards.is_up:
+                failed[request.request_id] = self.shards.unavailable()
+                continue
             try:
                 self.engine.add_request(request.request_id, request.prompt_ids, request.params)
             except RequestError as exc:
@@ -145,46 +131,27 @@ class EngineCore:
             try:
                 outputs.extend(self.engine.step())
             except ShardFailure as exc:
-                failed = {rid: str(exc) for rid in list(self.engine.requests)}
-                for request_id in failed:
+                lost = {rid: str(exc) for rid in list(self.engine.requests)}
+                for request_id in lost:
                     self.engine.abort(request_id)
-                self._recover(exc)
+                failed |= lost
+                self.shards.lose(exc)
         return StepOutput(outputs, rejected, failed, self.engine.has_unfinished)
 
-    def _recover(self, error: BaseException) -> None:
-        try:
-            self._rebuild(error)
-        except Exception:  # NOTE: the next step or idle ping retries
-            log.exception("rebuilding the expert shards failed")
-
     def idle(self) -> None:
-        """Keep idle shards' collectives alive; a dead shard is found and replaced here."""
-        if self.dispatcher is None:
-            return
-        try:
-            self.dispatcher.ping()
-        except ShardFailure as exc:
-            self._recover(exc)
+        """Keep idle shards' collectives alive (a dead shard is found here); rebuild lost
+        shards when an attempt is due."""
+        if self.shards is not None:
+            self.shards.ping()
+            self.shards.try_rebuild()
 
     def stats(self) -> dict:
-        stats = dict(self.engine.stats(), num_rebuilds=self.num_rebuilds)
-        if self.dispatcher is not None:
-            stats["dispatch"] = self.dispatcher.stats.snapshot()
+        stats = dict(self.engine.stats(), num_rebuilds=0, num_rebuild_failures=0)
+        if self.shards is not None:
+            stats |= self.shards.stats()
         return stats
 
     def shutdown(self) -> None:
         """Tell the shards to stop and tear them down."""
-        if self.dispatcher is None:
-            return
-        try:
-            if self.dispatcher.transport is not None:
-                self.dispatcher.stop()
-        except Exception as exc:  # NOTE: shards already gone: nothing to tell them
-            log.info("shards did not take STOP: %s", exc)
-        self._disconnect()
-        self.launcher.stop()
-
-    def _disconnect(self) -> None:
-        if self.dispatcher.transport is not None:
-            self.dispatcher.transport.close()
-            self.dispatcher.transport = None
+        if self.shards is not None:
+            self.shards.shutdown()

@@ -43,7 +43,7 @@ class SamplingParams:
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
-            (len(self.stop) <= 16 and all(self.stop), "stop: at most 16 non-empty strings"),
+            (all(self.stop), "stop strings must not be empty"),  # NOTE: counts: deploy/limits.py
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative"),
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2^63)"),
         ]

@@ -2,32 +2,100 @@
 
 A standalone torch.distributed process group per replica (not the global default group, so a
 process can rebuild it, and tests can hold several): gloo on CPU, NCCL on CUDA. Rank 0 hosts
-the rendezvous store on a free port. Every operation waits at most `timeout_s`.
+the rendezvous store (`Rendezvous`) on a free port of its node's own address, only while the
+group forms. Every operation waits at most `timeout_s`; a failed or timed-out one raises
+`TransportError` in the caller, on both backends, and the replica then aborts the group
+(`close`) and rebuilds it.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 
 import torch
 import torch.distributed as dist
+
+# NOTE: NCCL failures must behave like gloo ones: raise in the caller, never kill the process.
+# With torch's defaults (checked in torch 2.13's ProcessGroupNCCL.hpp/.cpp), a watchdog thread
+# polls every collective and, on an error or a timeout, applies TORCH_NCCL_ASYNC_ERROR_HANDLING,
+# default 3 (SkipCleanUp): it rethrows in the watchdog thread, which takes the whole process
+# down (the engine actor: its KV cache and every request of the replica with it), and after a
+# timeout its heartbeat monitor may abort the process as well (TORCH_NCCL_DUMP_ON_TIMEOUT).
+# - TORCH_NCCL_BLOCKING_WAIT=1: no watchdog (nor heartbeat monitor) thread is created; `wait()`
+#   polls the collective on the calling thread and, on an NCCL error or once the timeout
+#   passes, aborts the communicator (ncclCommAbort) and raises DistBackendError (a
+#   RuntimeError) right there. Every collective here is waited on at once anyway.
+# - TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (CleanUpOnly) and TORCH_NCCL_DUMP_ON_TIMEOUT=0: should a
+#   torch version start the watchdog regardless, it only aborts communicators, and no dump
+#   path ends in an abort of the process.
+# Read when a ProcessGroupNCCL is constructed; set in this process (an actor of its own) right
+# before, overriding the environment. Not set: `Options.config.blocking = 0` (non-blocking
+# communicators; torch itself stopped choosing them after NCCL hangs, pytorch#153960) and
+# `is_high_priority_stream` (nothing overlaps the collectives here). Known gap: a peer that dies
+# while the communicator is being created (the first collective after a (re)build) can leave
+# ncclCommInitRank waiting, which blocking-mode NCCL does not time out.
+NCCL_ERROR_HANDLING = {
+    "TORCH_NCCL_BLOCKING_WAIT": "1",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",
+}
 
 
 class TransportError(RuntimeError):
     """A collective failed or timed out: a peer died, hung or could not join."""
 
 
-def host_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
-    """Rank 0's rendezvous store on a free port (`store.port`)."""
-    return dist.TCPStore(
-        host,
-        0,
-        world_size,
-        True,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        wait_for_workers=False,
-    )
+def create_group(
+    store: dist.Store,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    timeout: datetime.timedelta,
+    host: str,
+) -> dist.ProcessGroup:
+    """This rank's backend, fully connected when it returns: NCCL on CUDA (its communicator
+    created now, not at the first collective; errors raise, see NCCL_ERROR_HANDLING), else
+    gloo (connected by its constructor)."""
+    if device.type == "cuda":
+        os.environ.update(NCCL_ERROR_HANDLING)
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        group = dist.ProcessGroupNCCL(store, rank, world_size, options)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        group.eager_connect_single_device(torch.device("cuda", index))
+        return group
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    return dist.ProcessGroupGloo(store, rank, world_size, options)
+
+
+class Rendezvous:
+    """Rank 0's store server for one group. It listens on this node's own address only (a
+    socket bound there, handed to the store; TCPStore alone listens on every interface), and
+    only until the group has formed: `close` once rank 0's transport exists."""
+
+    def __init__(self, host: str, world_size: int, timeout_s: float) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.bind((host, 0))
+        listener.listen(world_size + 8)
+        self.host, self.port = host, listener.getsockname()[1]
+        self.server: dist.TCPStore | None = dist.TCPStore(
+            host,
+            self.port,
+            world_size,
+            True,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+            master_listen_fd=listener.detach(),  # NOTE: the store owns the socket now
+        )
+
+    def close(self) -> None:
+        """Stop listening and drop every store connection (the group no longer needs them)."""
+        self.server = None
 
 
 def local_ip() -> str:
@@ -43,6 +111,10 @@ def local_ip() -> str:
         return socket.gethostbyname(socket.gethostname())
     except OSError:  # NOTE: a hostname that does not resolve (common in containers)
         return "127.0.0.1"
+
+
+def formed_key(rank: int) -> str:
+    return f"formed/{rank}"
 
 
 class CollectiveTransport:
@@ -61,15 +133,12 @@ class CollectiveTransport:
         timeout = datetime.timedelta(seconds=timeout_s)
         self.timeout = timeout
         try:
-            if device.type == "cuda":
-                options = dist.ProcessGroupNCCL.Options()
-                options._timeout = timeout
-                self.group = dist.ProcessGroupNCCL(store, rank, world_size, options)
-            else:
-                options = dist.ProcessGroupGloo._Options()
-                options._timeout = timeout
-                options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-                self.group = dist.ProcessGroupGloo(store, rank, world_size, options)
+            self.group = create_group(store, rank, world_size, device, timeout, host)
+            # NOTE: rank 0 returns once every rank is connected, so that the rendezvous can
+            # close: no rank reads the store after this
+            store.set(formed_key(rank), b"1")
+            if rank == 0:
+                store.wait([formed_key(r) for r in range(1, world_size)], timeout)
         except RuntimeError as exc:
             raise TransportError(f"rank {rank} could not join the expert group: {exc}") from exc
 
@@ -84,7 +153,8 @@ class CollectiveTransport:
         timeout_s: float,
         local_host: str,
     ) -> CollectiveTransport:
-        """A shard's side: connect to rank 0's store and join the group."""
+        """Connect to the rendezvous at host:port (rank 0's `Rendezvous`) and join the group;
+        every rank, rank 0 included, joins this way."""
         store = dist.TCPStore(
             host, port, world_size, False, timeout=datetime.timedelta(seconds=timeout_s)
         )
@@ -127,8 +197,10 @@ class CollectiveTransport:
         return recv.tolist()
 
     def close(self) -> None:
-        """Leave the group. NCCL communicators are aborted: with a dead peer, a plain
-        teardown would wait on collectives that never finish."""
-        if self.device.type == "cuda":
-            self.group.abort()
-        self.group = None
+        """Leave the group by aborting it, on both backends: with a dead or hung peer a plain
+        teardown would wait on collectives that never finish; NCCL's abort also frees the
+        communicator and any kernel still waiting on the GPU, so the process can form a new
+        group (the replica's rebuild)."""
+        group, self.group = self.group, None
+        if group is not None:
+            group.abort()

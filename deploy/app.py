@@ -2,19 +2,21 @@
 plus the metrics hub. `build_app` is the import path Serve config files use:
 `import_path: deploy.app:build_app`, `args:` the serving config (deploy/config.py).
 
+Secrets: nothing secret travels in the application's args or a runtime_env (both are shown by
+the Ray dashboard and Serve's config): the gateway reads $MOE_SERVE_API_KEY from the
+environment of the process it runs in (the pod's, from a Secret, on Kubernetes).
+
 Logging: no deployment writes Serve's access log (the replicas' stats reports and the health
 checks would flood it); the Gateway writes one line per user request instead
 (deploy/access_log.py). Serve's own logs are at `log_level` (WARNING by default)."""
 
 from __future__ import annotations
 
-import os
-
 import ray
 from ray.serve import Application
 from ray.serve.schema import LoggingConfig
 
-from deploy.config import API_KEY_ENV, ModelConfig, ServeConfig, parse_config
+from deploy.config import API_KEY_ENV, ConfigFileError, ModelConfig, ServeConfig, parse_config
 from deploy.gateway import Gateway
 from deploy.metrics import MetricsHub
 from deploy.model_replica import ModelReplica
@@ -61,6 +63,12 @@ def build_app(args: dict | ServeConfig, log_level: str = "warning") -> Applicati
     """The application for a serving config, once every model passed `check_models` (else
     ModelCheckError, one line per problem: nothing is deployed)."""
     config = args if isinstance(args, ServeConfig) else parse_config(args, "application args")
+    if config.api_key is not None:
+        raise ConfigFileError(
+            "application args: api_key: refused: the args are visible in the Serve config and "
+            f"the Ray dashboard; set ${API_KEY_ENV} in the gateway's environment instead "
+            "(Helm: auth.existingSecret)"
+        )
     problems = check_models(config)
     if problems:
         raise ModelCheckError(problems)
@@ -71,16 +79,5 @@ def build_app(args: dict | ServeConfig, log_level: str = "warning") -> Applicati
         cuda = is_cuda(model)
         deployment = model_deployment(model, cuda, logging)
         handles[model.name] = deployment.bind(model.model_dump(), cuda, hub)
-    return _gateway(config, logging).bind(config.model_dump(), handles, hub)
-
-
-def _gateway(config: ServeConfig, logging: LoggingConfig):
-    """The Gateway, given the builder's $MOE_SERVE_API_KEY: the replicas of a cluster joined
-    with RAY_ADDRESS do not inherit the environment of the process that builds the app."""
-    key = os.environ.get(API_KEY_ENV)
-    if config.api_key is not None or not key:
-        return Gateway.options(logging_config=logging)
-    return Gateway.options(
-        logging_config=logging,
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {API_KEY_ENV: key}}},
-    )
+    gateway = Gateway.options(logging_config=logging)
+    return gateway.bind(config.model_dump(), handles, hub)

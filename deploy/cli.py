@@ -76,6 +76,12 @@ def _run_serve(args: argparse.Namespace) -> int:
         return _fail(str(exc).splitlines())
     address = ray_address(args.address)
     problems = check_address(address) if address else []
+    if address and config.api_key is not None:
+        problems.append(
+            f"{args.config}: api_key: a joined cluster's gateway cannot be given it (it would "
+            "travel in the Serve config); set $MOE_SERVE_API_KEY in the environment of the "
+            "cluster's Ray nodes instead"
+        )
     problems += check_models(config, local_gpus=None if address else _local_gpus())
     if problems:
         return _fail(problems)

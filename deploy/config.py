@@ -1,7 +1,11 @@
-"""The serving config (YAML): endpoints, auth and the models to serve. Unknown keys are errors.
+"""The serving config (YAML): endpoints, limits and the models to serve. Unknown keys are
+errors.
 
 The same schema is `moe-serve run --config FILE`, the Serve application's args, and what the
-Helm chart renders into `serveConfigV2`.
+Helm chart renders into `serveConfigV2`. The API key is never part of the application's args
+(they are visible in the Serve config and the Ray dashboard): the gateway reads
+$MOE_SERVE_API_KEY from its own environment. `api_key` in a config file is for `moe-serve run`
+on a Ray instance of its own, which hands it to that instance's environment (deploy/serving.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cluster.core import ReplicaConfig
 from cluster.engine import EngineConfig
+from deploy.limits import LimitsConfig
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"
 GIB = 1 << 30
@@ -37,6 +42,13 @@ class HttpConfig(Strict):
 
 class GrpcConfig(Strict):
     port: int = Field(9000, ge=1, le=65535)
+    # NOTE: Serve's proxy takes up to 2 GiB by default; it refuses larger messages with
+    # RESOURCE_EXHAUSTED (set where the proxy starts: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE)
+    max_message_bytes: int = Field(4 << 20, ge=1 << 10, lt=1 << 31)
+
+
+class MetricsConfig(Strict):
+    require_api_key: bool = False  # /metrics answers 401 without the API key
 
 
 class AutoscalingConfig(Strict):
@@ -92,6 +104,8 @@ class ModelConfig(Strict):
     enable_prefix_caching: bool = True  # reuse cached KV blocks of shared prompt prefixes
     max_queued_requests: int = Field(64, ge=1)  # beyond: 429 / RESOURCE_EXHAUSTED at once
     collective_timeout_s: float = Field(30.0, gt=0)
+    max_rebuild_failures: int = Field(3, ge=1)  # in a row; then the replica reports unhealthy
+    rebuild_backoff_s: float = Field(2.0, gt=0)  # after a failed shard rebuild; doubles each time
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
@@ -135,13 +149,17 @@ class ModelConfig(Strict):
             placement=self.placement,
             engine=engine,
             collective_timeout_s=self.collective_timeout_s,
+            max_rebuild_failures=self.max_rebuild_failures,
+            rebuild_backoff_s=self.rebuild_backoff_s,
         )
 
 
 class ServeConfig(Strict):
     http: HttpConfig = HttpConfig()
     grpc: GrpcConfig = GrpcConfig()
-    api_key: str | None = Field(None, min_length=8)  # or from $MOE_SERVE_API_KEY
+    api_key: str | None = Field(None, min_length=8)  # moe-serve run only; see the docstring
+    limits: LimitsConfig = LimitsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     models: list[ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -158,9 +176,10 @@ class ServeConfig(Strict):
                 raise ValueError(f"{what} must be unique; repeated: {duplicates}")
         return self
 
-    def resolved_api_key(self) -> str | None:
-        """The configured key, else $MOE_SERVE_API_KEY, else None (no auth)."""
-        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+def api_key_from_environment() -> str | None:
+    """The gateway's key: $MOE_SERVE_API_KEY of its own process; None (or empty): no auth."""
+    return os.environ.get(API_KEY_ENV) or None
 
 
 def format_errors(error: ValidationError, where: str) -> str:

@@ -16,6 +16,7 @@ from cluster.params import RequestError, RequestLimits, SamplingParams
 from cluster.sampler import TokenLogprobs
 from deploy.access_log import AccessRecord
 from deploy.errors import ApiError, as_api_error
+from deploy.limits import LimitsConfig
 from deploy.metrics import GatewayMetrics
 from models.tokenizer import TextTokenizer
 
@@ -60,9 +61,14 @@ class PromptRun:
 
 class Frontend:
     def __init__(
-        self, endpoints: dict[str, ModelEndpoint], api_key: str | None, metrics: GatewayMetrics
+        self,
+        endpoints: dict[str, ModelEndpoint],
+        api_key: str | None,
+        metrics: GatewayMetrics,
+        limits: LimitsConfig,
     ) -> None:
         self.endpoints, self.api_key, self.metrics = endpoints, api_key, metrics
+        self.limits = limits
 
     def authorize(self, authorization: str | None) -> None:
         """`Authorization: Bearer <key>` when the server has a key; 401 otherwise."""
@@ -102,8 +108,9 @@ class Frontend:
     def check(
         self, endpoint: ModelEndpoint, prompts: list[list[int]], params: SamplingParams
     ) -> None:
-        for ids in prompts:
-            endpoint.limits.check(ids, params)
+        """The model's limits for each prompt, then the server's for the whole request."""
+        max_tokens = [endpoint.limits.check(ids, params) for ids in prompts]
+        self.limits.check(params, max_tokens)
 
     async def stream(
         self, endpoint: ModelEndpoint, prompts: list[list[int]], params: SamplingParams

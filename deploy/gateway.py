@@ -17,9 +17,10 @@ from starlette.exceptions import HTTPException
 from cluster.params import RequestLimits
 from deploy import grpc_server, openai_server
 from deploy.access_log import AccessRecord, configure_access_log
-from deploy.config import ModelConfig, ServeConfig
+from deploy.config import ModelConfig, ServeConfig, api_key_from_environment
 from deploy.errors import ApiError, as_api_error
 from deploy.frontend import Frontend, ModelEndpoint, ModelInfo
+from deploy.health import READY_WITHIN_S, Health, assess, needs_serve_status
 from deploy.metrics import GatewayMetrics
 from deploy.openai_format import models_body
 from deploy.protocol import ChatCompletionRequest, CompletionRequest
@@ -30,7 +31,6 @@ from models.tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 << 20
 HEALTH_TIMEOUT_S = 5.0
-READY_WITHIN_S = 10.0  # NOTE: replicas report every 2 s
 WATCH_PERIOD_S = 5.0
 GRPC_SERVICE = "moeserving.v1.MoEServing"
 HEALTH_SERVICES = ("", GRPC_SERVICE)
@@ -105,6 +105,14 @@ async def _written_at_end(chunks, access: AccessRecord):
         access.write()
 
 
+def _deployment_statuses() -> dict[str, tuple[str, str]]:
+    """Serve's status of each deployment of this application (blocking: run it in a thread)."""
+    app_name = serve.get_replica_context().replica_id.deployment_id.app_name
+    app = serve.status().applications.get(app_name)
+    deployments = app.deployments if app is not None else {}
+    return {name: (str(d.status.value), d.message) for name, d in deployments.items()}
+
+
 def _write_grpc(access: AccessRecord, context) -> None:
     code = context.code() if context is not None else None
     access.status = (code or grpc.StatusCode.OK).name
@@ -118,9 +126,13 @@ def _write_grpc(access: AccessRecord, context) -> None:
 class Gateway:
     def __init__(self, config: dict, handles: dict, hub) -> None:
         serve_config = ServeConfig.model_validate(config)
+        self.models, self.config = serve_config.models, serve_config
         endpoints = {m.name: build_endpoint(m, handles[m.name]) for m in serve_config.models}
-        self.frontend = Frontend(endpoints, serve_config.resolved_api_key(), GatewayMetrics())
+        self.frontend = Frontend(
+            endpoints, api_key_from_environment(), GatewayMetrics(), serve_config.limits
+        )
         self.hub = hub
+        self.num_watches = 0  # gRPC Health/Watch streams open now
         configure_access_log()
 
     async def _guarded(self, api: str, body_model, request: Request, handler):
@@ -170,26 +182,40 @@ class Gateway:
 
     @app.get("/health")
     async def health(self):
-        """200 when every model has a live replica; 503 naming those that have none."""
-        down = await self._down_models()
-        if down:
-            return JSONResponse(ApiError(503, f"models not ready: {down}").body(), status_code=503)
-        return {"status": "ok", "models": list(self.frontend.endpoints)}
+        """200 when every model can serve (or idles at zero replicas by configuration); 503
+        naming the others and why."""
+        health = await self._health()
+        if not health.is_ok:
+            return JSONResponse(ApiError(503, health.message()).body(), status_code=503)
+        return {"status": "ok", "models": list(self.frontend.endpoints), "idle": health.idle}
 
-    async def _down_models(self) -> list[str]:
-        """Models with no replica whose engine reported in the last READY_WITHIN_S seconds.
-        NOTE: from the replicas' periodic reports, not a call to them: a call would queue
+    async def _health(self) -> Health:
+        """NOTE: from the replicas' periodic reports, not a call to them: a call would queue
         behind the generation requests of a busy replica and time out exactly under load."""
         try:
-            call = self.hub.ready_models.remote(READY_WITHIN_S)
-            ready = set(await asyncio.wait_for(call, HEALTH_TIMEOUT_S))
+            call = self.hub.model_health.remote(READY_WITHIN_S)
+            reports = await asyncio.wait_for(call, HEALTH_TIMEOUT_S)
+            statuses = {}
+            if needs_serve_status(self.models, reports):
+                statuses = await asyncio.wait_for(
+                    asyncio.to_thread(_deployment_statuses), HEALTH_TIMEOUT_S
+                )
         except Exception as exc:
-            log.warning("the metrics hub did not answer a health check: %s", exc)
-            ready = set()
-        return [name for name in self.frontend.endpoints if name not in ready]
+            log.warning("could not assess health: %s", exc)
+            return Health({m.name: f"health unknown ({exc})" for m in self.models})
+        return assess(self.models, reports, statuses)
+
+    def requires_api_key(self) -> bool:
+        """Whether this gateway found an API key in its environment (`moe-serve run` says)."""
+        return self.frontend.api_key is not None
 
     @app.get("/metrics")
-    async def metrics(self):
+    async def metrics(self, request: Request):
+        if self.config.metrics.require_api_key:
+            try:
+                self.frontend.authorize(request.headers.get("authorization"))
+            except ApiError as error:
+                return JSONResponse(error.body(), status_code=error.status)
         snapshot = await self.hub.snapshot.remote()
         return Response(
             self.frontend.metrics.render(snapshot), media_type="text/plain; version=0.0.4"
@@ -229,21 +255,36 @@ class Gateway:
         return health_pb2.HealthCheckResponse(status=await self._serving_status())
 
     async def Watch(self, request, grpc_context=None):
-        """grpc.health.v1.Health/Watch: the status now, then each change."""
+        """grpc.health.v1.Health/Watch: the status now, then each change. At most
+        `limits.max_health_watches` streams at once: each holds one of this gateway's ongoing
+        requests for as long as it stays open."""
         if request.service not in HEALTH_SERVICES:
             yield health_pb2.HealthCheckResponse(
                 status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
             )
             return
-        last = None
-        while True:
-            status = await self._serving_status()
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await asyncio.sleep(WATCH_PERIOD_S)
+        limit = self.config.limits.max_health_watches
+        if self.num_watches >= limit:
+            details = (
+                f"{limit} health Watch streams are open; this server allows at most {limit} "
+                "(limits.max_health_watches): use Check, or watch later"
+            )
+            grpc_context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            grpc_context.set_details(details)
+            raise grpc_server.StreamAborted(details)
+        self.num_watches += 1
+        try:
+            last = None
+            while True:
+                status = await self._serving_status()
+                if status != last:
+                    yield health_pb2.HealthCheckResponse(status=status)
+                    last = status
+                await asyncio.sleep(WATCH_PERIOD_S)
+        finally:
+            self.num_watches -= 1
 
     async def _serving_status(self) -> int:
-        if await self._down_models():
+        if not (await self._health()).is_ok:
             return health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse.SERVING

@@ -26,10 +26,20 @@ class MetricsHub:
     def report(self, model: str, replica: str, stats: dict) -> None:
         self.latest[(model, replica)] = (time.monotonic(), stats)
 
-    def ready_models(self, within_s: float) -> list[str]:
-        """Models with a replica heard from in the last `within_s` seconds."""
-        cutoff = time.monotonic() - within_s
-        return sorted({model for (model, _), (at, _) in self.latest.items() if at >= cutoff})
+    def model_health(self, within_s: float) -> dict[str, dict]:
+        """Per model with a replica heard from in the last `within_s` seconds: `ready`, how
+        many of those replicas serve, and `degraded`, why the others cannot (replica -> the
+        reason: their expert shards are down)."""
+        cutoff, health = time.monotonic() - within_s, {}
+        for (model, replica), (at, stats) in self.latest.items():
+            if at < cutoff:
+                continue
+            entry = health.setdefault(model, {"ready": 0, "degraded": {}})
+            if stats.get("shards_down"):
+                entry["degraded"][replica] = stats["shards_down"]
+            else:
+                entry["ready"] += 1
+        return health
 
     def snapshot(self) -> list[tuple[str, str, dict]]:
         """Stats of the replicas heard from in the last STALE_AFTER_S seconds."""
@@ -59,6 +69,7 @@ class ReplicaCollector:
             for key, help_text in (
                 ("preemptions", "sequences preempted"),
                 ("shard_rebuilds", "expert shard group rebuilds"),
+                ("shard_rebuild_failures", "failed expert shard group rebuilds"),
                 ("engine_steps", "engine steps"),
                 ("prefix_cache_queries", "prompt tokens looked up in the prefix cache"),
                 ("prefix_cache_hits", "prompt tokens served from the prefix cache"),
@@ -79,6 +90,7 @@ class ReplicaCollector:
             gauges["kv_cache_usage_ratio"].add_metric(key, stats["kv_usage"])
             counters["preemptions"].add_metric(key, stats["num_preemptions"])
             counters["shard_rebuilds"].add_metric(key, stats["num_rebuilds"])
+            counters["shard_rebuild_failures"].add_metric(key, stats["num_rebuild_failures"])
             counters["engine_steps"].add_metric(key, stats["num_steps"])
             counters["prefix_cache_queries"].add_metric(key, stats["prefix_cache_queries"])
             counters["prefix_cache_hits"].add_metric(key, stats["prefix_cache_hits"])

@@ -36,6 +36,7 @@ class ModelReplica:
             create_ray_replica, replica, engine_options, shard_options, resources.torch_threads
         )
         self.hub, self.replica_id = hub, serve.get_replica_context().replica_id.unique_id
+        self.stats: dict = {}  # the engine's latest (every STATS_PERIOD_S)
         self.front.start()
         self._reporter = asyncio.get_running_loop().create_task(self._report())
 
@@ -48,17 +49,26 @@ class ModelReplica:
                 yield output
 
     async def check_health(self) -> None:
+        """Serve's periodic check: raising makes Serve replace this replica (the whole gang).
+        NOTE: from what the engine last reported, never a call to it: the engine actor is
+        busy for as long as a shard rebuild takes."""
         if self.front.error is not None:
             raise RuntimeError(f"the engine actor failed: {self.front.error}")
+        if self.stats.get("has_given_up"):
+            raise RuntimeError(f"gave up on its expert shards: {self.stats['shards_down']}")
+
+    async def actor_pids(self) -> dict:
+        """The engine actor's and its shards' process ids (tests, debugging)."""
+        return await self.front.core.actor.pids.remote()
 
     async def _report(self) -> None:
         while True:
-            try:
-                await self.check_health()  # NOTE: a dead engine stops reporting: not ready
-                stats = await self.front.core.stats()
-                await self.hub.report.remote(self.config.name, self.replica_id, stats)
-            except Exception as exc:  # NOTE: metrics must never take serving down
-                log.warning("could not report engine stats: %s", exc)
+            if self.front.error is None:  # NOTE: a dead engine stops reporting: not ready
+                try:
+                    self.stats = await self.front.core.stats()
+                    await self.hub.report.remote(self.config.name, self.replica_id, self.stats)
+                except Exception as exc:  # NOTE: metrics must never take serving down
+                    log.warning("could not report engine stats: %s", exc)
             await asyncio.sleep(STATS_PERIOD_S)
 
     async def __del__(self) -> None:

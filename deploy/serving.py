@@ -1,7 +1,12 @@
 """`moe-serve run`: start a private Ray instance (or join a cluster), start Serve's HTTP and gRPC
 proxies, deploy the app, print where it listens, block until SIGINT/SIGTERM, then shut
 everything down. The models were checked before (deploy/validate.py); a failure while
-deploying is one line, not a traceback."""
+deploying is one line, not a traceback.
+
+What the Serve processes must see is put in the environment of the private Ray instance before
+it starts (its processes inherit it): the API key of the config file (so that it never travels
+in the application's args) and the gRPC proxy's message limit. A joined cluster's nodes must
+have them in their own environment."""
 
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from ray.serve.config import gRPCOptions
 
 from deploy.app import APP_NAME, GRPC_SERVICERS, build_app, serve_logging
 from deploy.config import API_KEY_ENV, ServeConfig
+
+GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # read by Serve's proxies at start
 
 
 def logical_cpus(config: ServeConfig) -> int:
@@ -41,6 +48,9 @@ def init_ray(config: ServeConfig, address: str | None, log_level: str) -> None:
         except ConnectionError as exc:
             raise JoinError(_join_failure(address, exc)) from None
     else:
+        os.environ[GRPC_MAX_MESSAGE_ENV] = str(config.grpc.max_message_bytes)
+        if config.api_key is not None:
+            os.environ[API_KEY_ENV] = config.api_key
         # NOTE: "local": our own instance even where `ray start` left a cluster file behind
         # (live or stale), which a plain ray.init() would try to join
         ray.init(
@@ -62,7 +72,14 @@ def start(config: ServeConfig, address: str | None = None, log_level: str = "war
         grpc_options=gRPCOptions(port=config.grpc.port, grpc_servicer_functions=GRPC_SERVICERS),
         logging_config=serve_logging(log_level),
     )
-    serve.run(build_app(config, log_level), name=APP_NAME, route_prefix="/")
+    app = build_app(config.model_copy(update={"api_key": None}), log_level)
+    serve.run(app, name=APP_NAME, route_prefix="/")
+
+
+def gateway_requires_api_key() -> bool:
+    """What the running gateway found in its environment."""
+    gateway = serve.get_deployment_handle("Gateway", APP_NAME)
+    return gateway.requires_api_key.remote().result(timeout_s=60)
 
 
 def _join_failure(address: str, error: ConnectionError) -> str:
@@ -71,13 +88,13 @@ def _join_failure(address: str, error: ConnectionError) -> str:
     return f"could not join the Ray cluster at {address}" + (f": {cause}" if cause else "")
 
 
-def describe(config: ServeConfig) -> str:
+def describe(config: ServeConfig, requires_api_key: bool) -> str:
     lines = [
         f"HTTP (OpenAI API)  http://{config.http.host}:{config.http.port}/v1",
         f"gRPC               0.0.0.0:{config.grpc.port} (moeserving.v1.MoEServing; Serve's gRPC"
         " proxy listens on every interface)",
         "API key            "
-        + ("required" if config.resolved_api_key() else f"none (set api_key or ${API_KEY_ENV})"),
+        + ("required" if requires_api_key else f"none (set api_key or ${API_KEY_ENV})"),
         "models:",
     ]
     lines += [
@@ -139,7 +156,16 @@ def run(config: ServeConfig, address: str | None = None, log_level: str = "warni
     try:
         start(config, address, log_level)
         _trap_signals(stop)  # NOTE: after ray.init, which installs its own SIGTERM handler
-        print(f"ready in {time.monotonic() - started:.1f}s\n{describe(config)}", flush=True)
+        requires_api_key = gateway_requires_api_key()
+        banner = describe(config, requires_api_key)
+        print(f"ready in {time.monotonic() - started:.1f}s\n{banner}", flush=True)
+        if address and os.environ.get(API_KEY_ENV) and not requires_api_key:
+            print(
+                f"moe-serve: warning: ${API_KEY_ENV} is set here, but the gateway runs on the "
+                "cluster's nodes and found none in their environment: no API key is required",
+                file=sys.stderr,
+                flush=True,
+            )
         stop.wait()
     except KeyboardInterrupt:
         return 130

@@ -1,6 +1,8 @@
-"""Session-wide fixtures: tiny checkpoints of every architecture."""
+"""Session-wide fixtures: tiny checkpoints of every architecture, one local Ray instance."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -14,18 +16,33 @@ def tiny_dirs(tmp_path_factory):
     return {arch: write_tiny(arch, root / arch, seed=1) for arch in ARCHS}
 
 
+# NOTE: the deploy tests' gateway reads its API key from the environment of its own process, as
+# in production; the Ray processes inherit it from this one's when the instance starts
+GATEWAY_API_KEY = "test-key-0123456789"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray instance for the whole session (logical CPUs: shards ask for fractions)."""
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=16,
-        include_dashboard=False,
-        logging_level="warning",
-        configure_logging=False,
-    )
+    from deploy.config import API_KEY_ENV
+
+    saved = os.environ.get(API_KEY_ENV)
+    os.environ[API_KEY_ENV] = GATEWAY_API_KEY
+    try:
+        ray.init(
+            address="local",
+            num_cpus=16,
+            include_dashboard=False,
+            logging_level="warning",
+            configure_logging=False,
+        )
+    finally:  # NOTE: only Ray's processes keep it (`moe-serve run` subprocesses must not)
+        if saved is None:
+            del os.environ[API_KEY_ENV]
+        else:
+            os.environ[API_KEY_ENV] = saved
     yield ray
     ray.shutdown()
 

@@ -51,3 +51,34 @@ def test_stop_string_is_cut_and_never_streamed(tokenizer, stop):
 def test_text_that_only_looked_like_a_stop_string_is_released(tokenizer):
     pieces, stopped = stream_all(tokenizer, tokenizer.encode(TEXT), stop=("ok!",))
     assert not stopped and "".join(pieces) == TEXT
+
+
+class CountingStream(TextStream):
+    """Records how much text each stop-string search looks at."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.searched: list[int] = []
+
+    def find_stop(self, text: str, start: int) -> int | None:
+        self.searched.append(len(text) - start)
+        return super().find_stop(text, start)
+
+
+def test_a_long_output_is_searched_piece_by_piece_not_again_and_again(tokenizer):
+    # NOTE: the beginnings of these occur all along the text, the whole strings never
+    stop = ("ok. Stop here please!", "café 東京 🙂 ok!", "Hello there, cafe")
+    text = TEXT * 400  # NOTE: ~18k characters
+    stream = CountingStream(tokenizer.tokenizer, [], stop)
+    pieces, longest_piece = [], 0
+    for token in tokenizer.encode(text):
+        pending_before = len(stream.pending)
+        assert not stream.add(token)
+        longest_piece = max(longest_piece, len(stream.pending) - pending_before)
+        pieces.append(stream.delta(is_final=False))
+        assert len(stream.pending) < stream.longest_stop  # NOTE: only a held-back prefix
+    pieces.append(stream.delta(is_final=True))
+    assert "".join(pieces) == text
+    # NOTE: every search covers the new piece and the longest stop string's length before it
+    assert max(stream.searched) <= longest_piece + stream.longest_stop - 1
+    assert sum(stream.searched) < len(pieces) * (longest_piece + stream.longest_stop)

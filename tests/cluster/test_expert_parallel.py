@@ -6,6 +6,7 @@ Each replica is what serving runs: an EngineActor (router/attention) owning its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import re
@@ -203,7 +204,8 @@ def test_hung_shard_times_out_then_the_replica_recovers(tiny_dirs, ray_cluster):
         run_ray_replica(config, scenario)
     finally:
         for pid in stopped:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # NOTE: the replica killed it
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_idle_shards_outlive_the_collective_timeout(tiny_dirs, ray_cluster):
@@ -252,3 +254,58 @@ def test_a_shard_that_cannot_load_fails_the_replica_and_leaves_no_actor(
     while _alive_actor_ids() - before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive_actor_ids() - before
+
+
+async def _stats_when(actor, condition, timeout_s: float = 90) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while not condition(stats := await actor.stats.remote()):
+        assert time.monotonic() < deadline, stats
+        await asyncio.sleep(0.2)
+    return stats
+
+
+async def _fails_fast(front) -> EngineStepError:
+    started = time.monotonic()
+    (result,) = await generate_all(front, prompts(1))
+    assert isinstance(result, EngineStepError), result
+    assert time.monotonic() - started < 2  # NOTE: no rebuild attempt to wait for
+    return result
+
+
+def test_failed_rebuilds_back_off_then_recover_or_give_up(tiny_dirs, ray_cluster, tmp_path):
+    checkpoint = tmp_path / "olmoe"
+    shutil.copytree(tiny_dirs["olmoe"], checkpoint)
+    weights, hidden = checkpoint / "model.safetensors", tmp_path / "model.safetensors"
+    config = ReplicaConfig(
+        str(checkpoint),
+        expert_parallel_size=2,
+        engine=ENGINE,
+        collective_timeout_s=10,
+        max_rebuild_failures=2,
+        rebuild_backoff_s=3,
+    )
+
+    async def kill_a_shard(actor):
+        ray_cluster.kill((await actor.shard_handles.remote())[0])
+
+    async def scenario(front, actor):
+        expected = await generate_all(front, prompts(2))
+        front.start()  # NOTE: its idle ticks find the dead shard and retry the rebuild
+        weights.rename(hidden)  # NOTE: the shards of every rebuild fail to load
+        await kill_a_shard(actor)
+        stats = await _stats_when(actor, lambda s: s["num_rebuild_failures"] == 1)
+        assert "rebuilding the expert shards failed (1 of 2)" in stats["shards_down"]
+        assert not stats["has_given_up"]
+        assert "retry shortly" in str(await _fails_fast(front))  # NOTE: backing off
+        hidden.rename(weights)
+        stats = await _stats_when(actor, lambda s: s["shards_down"] is None)
+        assert stats["num_rebuilds"] == 1
+        assert await generate_all(front, prompts(2)) == expected
+        weights.rename(hidden)
+        await kill_a_shard(actor)
+        stats = await _stats_when(actor, lambda s: s["has_given_up"])
+        assert stats["num_rebuild_failures"] == 3  # NOTE: 1, then 2 in a row
+        assert "is being replaced" in str(await _fails_fast(front))
+        assert await actor.shard_pids.remote() == []  # NOTE: no shard left behind
+
+    run_ray_replica(config, scenario)

@@ -1,14 +1,17 @@
 """One Serve application for the deploy tests: every architecture, EP=1 and EP=2 side by side,
-an autoscaled model and a deliberately tight one, behind an API key."""
+an autoscaled model, a deliberately tight one and one that idles at zero replicas until asked
+(on a checkpoint of its own, which the fault tests break), behind an API key."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-API_KEY = "test-key-0123456789"
+from tests.conftest import GATEWAY_API_KEY as API_KEY
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def app_config(tiny_dirs, http_port: int, grpc_port: int) -> dict:
+def app_config(tiny_dirs, http_port: int, grpc_port: int, ondemand: Path) -> dict:
     small = {
         "device": "cpu",
         "max_model_len": 512,
@@ -37,7 +40,7 @@ def app_config(tiny_dirs, http_port: int, grpc_port: int) -> dict:
     return {
         "http": {"host": "127.0.0.1", "port": http_port},
         "grpc": {"port": grpc_port},
-        "api_key": API_KEY,
+        "limits": {"max_completion_tokens_per_request": 4096, "max_health_watches": 2},
         "models": [
             {"name": "olmoe", "source": str(tiny_dirs["olmoe"])} | small,
             {"name": "jetmoe", "source": str(tiny_dirs["jetmoe"]), "expert_parallel_size": 2}
@@ -70,12 +73,32 @@ def app_config(tiny_dirs, http_port: int, grpc_port: int) -> dict:
                 "max_queued_requests": 1,
             }
             | small,
+            {
+                "name": "ondemand",  # NOTE: costs nothing until a test asks for it
+                "source": str(ondemand),
+                "expert_parallel_size": 2,
+                "max_rebuild_failures": 2,
+                "rebuild_backoff_s": 1,
+                "autoscaling": {
+                    "min_replicas": 0,
+                    "initial_replicas": 0,
+                    "max_replicas": 1,
+                    "metrics_interval_s": 0.5,
+                },
+            }
+            | small,
         ],
     }
 
 
 @pytest.fixture(scope="session")
-def server(ray_cluster, tiny_dirs):
+def ondemand_checkpoint(tiny_dirs, tmp_path_factory) -> Path:
+    """The checkpoint of model `ondemand`: a copy that tests may break (and must restore)."""
+    return Path(shutil.copytree(tiny_dirs["olmoe"], tmp_path_factory.mktemp("ondemand") / "olmoe"))
+
+
+@pytest.fixture(scope="session")
+def server(ray_cluster, tiny_dirs, ondemand_checkpoint):
     from ray import serve
     from ray.serve.config import gRPCOptions
 
@@ -83,7 +106,7 @@ def server(ray_cluster, tiny_dirs):
     from deploy.config import parse_config
 
     http_port, grpc_port = free_port(), free_port()
-    config = parse_config(app_config(tiny_dirs, http_port, grpc_port))
+    config = parse_config(app_config(tiny_dirs, http_port, grpc_port, ondemand_checkpoint))
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS),

@@ -59,8 +59,9 @@ class RunProcess:
 
 
 def private_env() -> dict[str, str]:
-    """This environment without RAY_ADDRESS: `moe-serve run` starts its own Ray."""
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    """This environment without RAY_ADDRESS (`moe-serve run` starts its own Ray) nor an API
+    key (each test says whether it wants one)."""
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MOE_SERVE_API_KEY")}
 
 
 @contextmanager

@@ -10,7 +10,13 @@ import socket
 import pytest
 
 from deploy.cli import ray_address
-from deploy.config import API_KEY_ENV, ConfigFileError, load_config, parse_config
+from deploy.config import (
+    API_KEY_ENV,
+    ConfigFileError,
+    api_key_from_environment,
+    load_config,
+    parse_config,
+)
 from deploy.validate import ModelCheckError, check_address, check_models
 
 MINIMAL = """
@@ -33,9 +39,12 @@ def test_defaults(tmp_path, monkeypatch):
     model = config.models[0]
     assert (model.dtype, model.device, model.expert_parallel_size) == ("auto", "auto", 1)
     assert (model.autoscaling.min_replicas, model.autoscaling.max_replicas) == (1, 1)
-    assert config.resolved_api_key() is None
+    assert config.api_key is None and api_key_from_environment() is None
+    assert config.grpc.max_message_bytes == 4 << 20 and not config.metrics.require_api_key
+    assert (config.limits.max_stop_strings, config.limits.max_stop_token_ids) == (16, 64)
+    assert (model.max_rebuild_failures, model.rebuild_backoff_s) == (3, 2.0)
     monkeypatch.setenv(API_KEY_ENV, "from-the-environment")
-    assert config.resolved_api_key() == "from-the-environment"
+    assert api_key_from_environment() == "from-the-environment"
 
 
 def test_unknown_keys_are_errors_naming_the_key_and_file(tmp_path):
@@ -100,17 +109,18 @@ def test_replica_config_mapping():
     assert replica.engine.kv_cache_bytes == 1 << 29
 
 
-def test_the_builders_api_key_reaches_the_gateway(monkeypatch):
-    from deploy.app import _gateway, serve_logging
+def test_the_application_never_carries_the_api_key(tiny_dirs, monkeypatch):
+    from ray import cloudpickle
 
-    config = parse_config({"models": [{"name": "m", "source": "x"}]})
-    logging = serve_logging("warning")
-    monkeypatch.delenv(API_KEY_ENV, raising=False)
-    assert "runtime_env" not in _gateway(config, logging).ray_actor_options
+    from deploy.app import build_app
+
+    models = [{"name": "m", "source": str(tiny_dirs["olmoe"])}]
+    with pytest.raises(ConfigFileError, match=r"api_key: refused.*\$MOE_SERVE_API_KEY"):
+        build_app({"api_key": "in-the-args-0123", "models": models})
     monkeypatch.setenv(API_KEY_ENV, "from-the-environment")
-    options = _gateway(config, logging).ray_actor_options
-    assert options["runtime_env"]["env_vars"] == {API_KEY_ENV: "from-the-environment"}
-    assert options["num_cpus"] == 0
+    app = build_app({"models": models})
+    # NOTE: everything Serve is given: every deployment's options (runtime_env...) and args
+    assert b"from-the-environment" not in cloudpickle.dumps(app)
 
 
 def _checkpoint(tiny_dirs, tmp_path, name: str, **changes) -> str:
@@ -192,3 +202,19 @@ def test_a_cluster_address_must_answer():
     (problem,) = check_address(address)
     assert problem.startswith(f"no Ray cluster answers at {address}")
     assert check_address("ray://head:10001") == check_address("auto") == []
+
+
+def test_a_config_file_api_key_cannot_go_to_a_joined_cluster(tiny_dirs, tmp_path, capsys):
+    from deploy.cli import main
+
+    models = [{"name": "m", "source": str(tiny_dirs["olmoe"])}]
+    path = tmp_path / "serve.yaml"
+    path.write_text(json.dumps({"api_key": "0123456789abcdef", "models": models}))
+    with socket.socket() as listener:  # NOTE: something answers at the address
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        assert main(["run", "--config", str(path), "--address", address]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"moe-serve: {path}: api_key: a joined cluster's gateway cannot")
+    assert "$MOE_SERVE_API_KEY in the environment of the cluster's Ray nodes" in line

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 RAY_TMP = Path("/tmp/ray")
 CLUSTER_FILE = RAY_TMP / "ray_current_cluster"  # NOTE: what `ray start` leaves for ray.init()
 RAY = Path(sys.executable).parent / "ray"
+KEY = "from-the-config-file"
 
 
 def _session_pids(session: str) -> list[int]:
@@ -85,8 +86,9 @@ def _next_line(run: RunProcess) -> str:
     return line
 
 
-def _write_config(tmp_path: Path, source: Path) -> tuple[Path, str, str]:
-    """A one-model config on free ports; returns it, the HTTP base URL and the gRPC address."""
+def _write_config(tmp_path: Path, source: Path, **extra) -> tuple[Path, str, str]:
+    """A one-model config on free ports (and `extra` top-level keys); returns it, the HTTP base
+    URL and the gRPC address."""
     http_port, grpc_port = free_port(), free_port()
     model = {
         "name": "m",
@@ -98,15 +100,15 @@ def _write_config(tmp_path: Path, source: Path) -> tuple[Path, str, str]:
     config = tmp_path / "serve.yaml"
     config.write_text(
         yaml.safe_dump(
-            {"http": {"port": http_port}, "grpc": {"port": grpc_port}, "models": [model]}
+            {"http": {"port": http_port}, "grpc": {"port": grpc_port}, "models": [model]} | extra
         )
     )
     return config, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
 
 
-def _complete(base: str) -> dict:
-    body = {"model": "m", "prompt": "hi", "max_tokens": 3}
-    reply = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+def _complete(base: str, headers: dict | None = None) -> dict:
+    body = {"model": "m", "prompt": "hi", "max_tokens": 3, "ignore_eos": True}
+    reply = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=60)
     assert reply.status_code == 200, reply.text
     return reply.json()
 
@@ -185,28 +187,43 @@ def test_run_serves_quietly_on_its_own_ray_then_sigterm_leaves_no_process(
 ):
     cluster_file.parent.mkdir(exist_ok=True)
     cluster_file.write_text(f"127.0.0.1:{free_port()}")  # NOTE: a `ray start` killed long ago
-    config, base, grpc_address = _write_config(tmp_path, tiny_dirs["olmoe"])
+    # NOTE: a key in the config file reaches the gateway through the environment of the Ray
+    # instance moe-serve starts, never through Serve's application args
+    secured = {"api_key": KEY, "metrics": {"require_api_key": True}}
+    config, base, grpc_address = _write_config(tmp_path, tiny_dirs["olmoe"], **secured)
+    auth, metadata = {"Authorization": f"Bearer {KEY}"}, [("authorization", f"Bearer {KEY}")]
     run = RunProcess(["--config", str(config)], env=private_env())
     try:
         run.wait_for("ready in", timeout_s=300)
         run.wait_for("expert_parallel_size=2", timeout_s=5)  # NOTE: the banner's last line
+        assert any(line.split() == ["API", "key", "required"] for line in run.log), run.log
         (session,) = _sessions_of(run.proc.pid)
         assert httpx.get(f"{base}/health", timeout=30).json()["models"] == ["m"]
         # NOTE: every replica reports its stats each STATS_PERIOD_S; none of that is printed
         assert _lines_within(run, 3 * STATS_PERIOD_S) == []
-        usage = _complete(base)["usage"]
+        usage = _complete(base, auth)["usage"]
         line = _next_line(run)
         assert line.split()[2:5] == ["POST", "/v1/completions", "model=m"]  # after date, time
         assert f" status=200 prompt_tokens={usage['prompt_tokens']} completion_tokens=3 " in line
         with grpc.insecure_channel(grpc_address) as channel:
+            stub = pb_grpc.MoEServingStub(channel)
             request = pb.GenerateRequest(model="m", prompt="hi", max_tokens=3)
-            usage = list(pb_grpc.MoEServingStub(channel).GenerateStream(request))[-1].usage
+            usage = list(stub.GenerateStream(request, metadata=metadata))[-1].usage
             line = _next_line(run)
             health = health_pb2_grpc.HealthStub(channel)
             health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+            # NOTE: Serve's proxy refuses it before reading it (its default is 2 GiB)
+            huge = pb.GenerateRequest(model="m", prompt="x" * (5 << 20))
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Generate(huge, metadata=metadata, timeout=30)
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert str(4 << 20) in error.value.details()
         assert line.split()[2:5] == ["gRPC", "/moeserving.v1.MoEServing/GenerateStream", "model=m"]
         assert f" status=OK prompt_tokens={usage.prompt_tokens} completion_tokens=3 " in line
         assert _lines_within(run, STATS_PERIOD_S) == []
+        assert httpx.get(f"{base}/metrics", timeout=30).status_code == 401
+        assert "moe_serve_requests_total" in httpx.get(f"{base}/metrics", headers=auth).text
+        assert httpx.post(f"{base}/v1/completions", json={}, timeout=30).status_code == 401
         assert run.stop() == 0
         run.wait_for("shutting down", timeout_s=5)
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -104,6 +106,10 @@ def test_secrets_come_from_existing_secrets():
         api_key = env[API_KEY_ENV]["valueFrom"]["secretKeyRef"]
         assert api_key == {"name": "api", "key": "api-key"}, group  # NOTE: never optional
     assert all(doc["kind"] != "Secret" for doc in manifests)
+    # NOTE: the gateway reads the key from its pod's environment: nothing of it in the Serve
+    # config (shown by the Ray dashboard), neither in the args nor as a runtime_env
+    shown = json.dumps(serve_config(manifests))
+    assert "api_key" not in shown and "runtime_env" not in shown and API_KEY_ENV not in shown
 
 
 def _cache_volume(manifests, group):

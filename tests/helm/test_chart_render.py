@@ -6,10 +6,11 @@ import pytest
 import yaml
 
 from deploy.config import API_KEY_ENV, parse_config
+from deploy.limits import LimitsConfig
 from tests.helm.conftest import VALUE_SETS
 from tests.helm.crd import as_ray_cluster, crd_errors
 from tests.helm.helm_tool import CHART, render, run_helm
-from tests.helm.manifests import ports_of, ray_containers, serve_config, the
+from tests.helm.manifests import env_of, ports_of, ray_containers, serve_config, the
 
 pytestmark = pytest.mark.usefixtures("helm")
 
@@ -126,3 +127,20 @@ def test_every_option_still_matches_crd(tmp_path, autoscaler):
     assert cluster["enableInTreeAutoscaling"] is autoscaler
     assert ("autoscalerOptions" in cluster) is autoscaler
     assert cluster["authOptions"] == {"mode": "token"}
+
+
+def test_limits_metrics_and_grpc_message_size_follow_values(helm):
+    sets = [
+        "serve.grpcMaxMessageBytes=1048576",
+        "serve.limits.max_stop_strings=4",
+        "serve.metrics.require_api_key=true",
+    ]
+    manifests = render(sets=sets)
+    args = parse_config(serve_config(manifests)["applications"][0]["args"])
+    assert args.grpc.max_message_bytes == 1 << 20
+    assert args.limits.max_stop_strings == 4 and args.metrics.require_api_key
+    for group, container in ray_containers(manifests).items():
+        # NOTE: Serve's gRPC proxy reads it when it starts, on whichever pod it runs
+        assert env_of(container)["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]["value"] == "1048576", group
+    defaults = parse_config(serve_config(render())["applications"][0]["args"])
+    assert defaults.grpc.max_message_bytes == 4 << 20 and defaults.limits == LimitsConfig()

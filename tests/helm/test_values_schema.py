@@ -8,7 +8,8 @@ import json
 import pytest
 import yaml
 
-from deploy.config import AutoscalingConfig, ModelConfig, ResourcesConfig
+from deploy.config import AutoscalingConfig, MetricsConfig, ModelConfig, ResourcesConfig
+from deploy.limits import LimitsConfig
 from tests.helm.helm_tool import CHART, render_error
 
 MODEL = {"name": "m", "source": "allenai/OLMoE-1B-7B-0924", "device": "cuda"}
@@ -46,6 +47,7 @@ SCHEMA_ERRORS = {
         ["/head/rayStartParams/num-cpus"],
     ),
     "unknown service type": ({"service": {"type": "Ingress"}}, ["/service/type"]),
+    "unknown limit": ({"serve": {"limits": {"max_stops": 2}}}, ["/serve/limits", "max_stops"]),
 }
 
 TEMPLATE_ERRORS = {
@@ -100,16 +102,18 @@ def _constraints(prop: dict) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    ("config_class", "path"),
+    ("config_class", "definition", "path"),
     [
-        (ModelConfig, ()),
-        (AutoscalingConfig, ("autoscaling",)),
-        (ResourcesConfig, ("resources",)),
+        (ModelConfig, "model", ()),
+        (AutoscalingConfig, "model", ("autoscaling",)),
+        (ResourcesConfig, "model", ("resources",)),
+        (LimitsConfig, "limits", ()),
+        (MetricsConfig, "metrics", ()),
     ],
     ids=lambda value: getattr(value, "__name__", None),
 )
-def test_model_schema_matches_serving_config(config_class, path):
-    chart = json.loads((CHART / "values.schema.json").read_text())["definitions"]["model"]
+def test_model_schema_matches_serving_config(config_class, definition, path):
+    chart = json.loads((CHART / "values.schema.json").read_text())["definitions"][definition]
     for key in path:
         chart = chart["properties"][key]
     assert chart["additionalProperties"] is False

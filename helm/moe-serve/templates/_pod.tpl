@@ -64,6 +64,8 @@ env:
     value: {{ $values.modelCache.mountPath | quote }}
   - name: MOE_SERVE_CACHE  # generated tiny:<arch> checkpoints
     value: {{ printf "%s/moe-serve" $values.modelCache.mountPath | quote }}
+  - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE  # read by Serve's gRPC proxy when it starts
+    value: {{ $values.serve.grpcMaxMessageBytes | int64 | toString | quote }}
   {{- with $values.huggingface.existingSecret }}
   - name: HF_TOKEN
     valueFrom:

@@ -1,13 +1,16 @@
 {{/*
 serveConfigV2: one Serve application whose args are the serving config (deploy/config.py,
-ServeConfig). The API key never goes here: the app reads MOE_SERVE_API_KEY.
+ServeConfig). The API key never goes here (the args are visible in the Serve config and the
+Ray dashboard): the gateway reads MOE_SERVE_API_KEY from its pod's environment (_pod.tpl).
 */}}
 {{- define "moe-serve.serveConfig" -}}
 {{- $serve := .Values.serve -}}
 {{- $args := dict
   "http" (dict "host" "0.0.0.0" "port" $serve.httpPort)
-  "grpc" (dict "port" $serve.grpcPort)
+  "grpc" (dict "port" $serve.grpcPort "max_message_bytes" $serve.grpcMaxMessageBytes)
   "models" $serve.models -}}
+{{- with $serve.limits }}{{ $_ := set $args "limits" . }}{{ end -}}
+{{- with $serve.metrics }}{{ $_ := set $args "metrics" . }}{{ end -}}
 {{- $app := dict
   "name" "moe-serve"
   "route_prefix" "/"

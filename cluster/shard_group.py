@@ -1,0 +1,140 @@
+"""The expert shards of one replica and their process group, over the replica's life: formed at
+start, lost when a collective fails (the group is aborted and the shards stopped at once, so
+the requests in flight fail without waiting for anything), rebuilt on the next step or idle
+tick, with backoff after a failed rebuild, and given up after `max_rebuild_failures` failed
+rebuilds in a row: the replica then reports itself unhealthy and Serve replaces the whole gang.
+While the shards are down, new requests fail at once (503) instead of waiting for a rebuild.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cluster.expert_parallel import Dispatcher, ShardFailure
+from cluster.launchers import ShardLauncher, ShardSpec
+from cluster.placement import ExpertPlacement
+from cluster.transport import CollectiveTransport, Rendezvous, local_ip
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RebuildPolicy:
+    max_failures: int = 3  # failed rebuilds in a row before the replica gives up (unhealthy)
+    backoff_s: float = 2.0  # wait after the first failed rebuild; doubles after each one
+
+
+class ShardGroup:
+    """Ranks 1..N (the shards) and rank 0's transport (held by the dispatcher)."""
+
+    def __init__(
+        self,
+        spec: ShardSpec,
+        placement: ExpertPlacement,
+        launcher: ShardLauncher,
+        dispatcher: Dispatcher,
+        device: torch.device,
+        policy: RebuildPolicy,
+    ) -> None:
+        self.spec, self.placement, self.launcher = spec, placement, launcher
+        self.dispatcher, self.device, self.policy = dispatcher, device, policy
+        self.num_rebuilds = 0
+        self.num_rebuild_failures = 0  # every failed rebuild (a counter for metrics)
+        self.down_reason: str | None = None  # why the shards are down; None while they serve
+        self.failures_in_a_row = 0
+        self.next_attempt_at = 0.0  # time.monotonic() of the next rebuild attempt
+        self.connect()
+
+    @property
+    def is_up(self) -> bool:
+        return self.down_reason is None
+
+    @property
+    def has_given_up(self) -> bool:
+        return self.failures_in_a_row >= self.policy.max_failures
+
+    def connect(self) -> None:
+        """Start the shards and form the group (raises if either fails; no shard is left)."""
+        host, world_size = local_ip(), self.placement.num_shards + 1
+        timeout_s = self.spec.timeout_s
+        rendezvous = Rendezvous(host, world_size, timeout_s)
+        try:
+            self.launcher.start(self.spec, self.placement.shard_expert_ids, host, rendezvous.port)
+            transport = CollectiveTransport.join(
+                host, rendezvous.port, 0, world_size, self.device, timeout_s, host
+            )
+        except BaseException:
+            self.launcher.stop()  # NOTE: no shard outlives a group that did not form
+            raise
+        finally:
+            rendezvous.close()  # NOTE: formed (or failed): nothing listens any more
+        self.dispatcher.attach(transport)
+
+    def lose(self, error: BaseException) -> None:
+        """A collective failed: abort the group and stop the shards now; rebuild later."""
+        log.warning("expert shards lost, rebuilding: %s", error)
+        self.down_reason = f"an expert shard failed ({error})"
+        self.disconnect()
+        self.launcher.stop()
+        self.next_attempt_at = time.monotonic()
+
+    def try_rebuild(self) -> None:
+        """Rebuild if the shards are down and an attempt is due (never after giving up)."""
+        if self.is_up or self.has_given_up or time.monotonic() < self.next_attempt_at:
+            return
+        try:
+            self.connect()
+        except Exception as exc:
+            self.failures_in_a_row += 1
+            self.num_rebuild_failures += 1
+            delay = self.policy.backoff_s * 2 ** (self.failures_in_a_row - 1)
+            self.next_attempt_at = time.monotonic() + delay
+            attempts = f"{self.failures_in_a_row} of {self.policy.max_failures}"
+            self.down_reason = f"rebuilding the expert shards failed ({attempts}): {exc}"
+            log.error("%s%s", self.down_reason, "" if self.has_given_up else f"; next in {delay}s")
+            return
+        self.down_reason, self.failures_in_a_row = None, 0
+        self.num_rebuilds += 1
+
+    def unavailable(self) -> str:
+        """Why a new request cannot be served while the shards are down."""
+        if self.has_given_up:
+            return f"{self.down_reason}; this replica gave up and is being replaced"
+        return f"the expert shards of this replica are down: {self.down_reason}; retry shortly"
+
+    def ping(self) -> None:
+        """Keepalive while idle: a dead shard is found here (and the group lost)."""
+        if not self.is_up:
+            return
+        try:
+            self.dispatcher.ping()
+        except ShardFailure as exc:
+            self.lose(exc)
+
+    def stats(self) -> dict:
+        return {
+            "num_rebuilds": self.num_rebuilds,
+            "num_rebuild_failures": self.num_rebuild_failures,
+            "shards_down": self.down_reason,
+            "has_given_up": self.has_given_up,
+            "dispatch": self.dispatcher.stats.snapshot(),
+        }
+
+    def shutdown(self) -> None:
+        """Tell the shards to stop and tear them down."""
+        try:
+            if self.dispatcher.transport is not None:
+                self.dispatcher.stop()
+        except Exception as exc:  # NOTE: shards already gone: nothing to tell them
+            log.info("shards did not take STOP: %s", exc)
+        self.disconnect()
+        self.launcher.stop()
+
+    def disconnect(self) -> None:
+        if self.dispatcher.transport is not None:
+            self.dispatcher.transport.close()
+            self.dispatcher.transport = None
