@@ -1,7 +1,8 @@
 """Next-token selection: penalties, temperature, top-k/top-p/min-p, seeded sampling, logprobs.
 
-Shapes: B sampling rows, V vocabulary. Logprobs are those of the model's distribution before
-penalties and temperature (what the model said, not what the filters kept).
+Shapes: B sampling rows, V vocabulary, R rows with a grammar, W = ceil(V / 32) mask words.
+Logprobs are those of the model's distribution before penalties, grammar masks and temperature
+(what the model said, not what the filters kept).
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ class TokenLogprobs:
     logprob: float
     rank: int  # 1 = the most likely token
     top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class TokenBitmask:
+    """The tokens each constrained row may take next: bit j of word w allows token 32 * w + j
+    (words may cover more than V tokens; the excess is ignored)."""
+
+    row_indices: list[int]  # the constrained rows of the batch, in order
+    bits: torch.Tensor  # [R, W] int32
 
 
 @dataclass
@@ -52,6 +62,17 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
             ).to(logits.dtype)
             logits[i] -= params.frequency_penalty * counts
             logits[i] -= params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _apply_bitmask(logits: torch.Tensor, bitmask: TokenBitmask) -> torch.Tensor:
+    """-inf on every token a row's grammar forbids; other rows are untouched."""
+    device = logits.device
+    words = bitmask.bits.to(device)
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    allowed = ((words[:, :, None] >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]  # [R, V]
+    rows = torch.tensor(bitmask.row_indices, device=device)
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
     return logits
 
 
@@ -100,13 +121,16 @@ def token_logprobs(logprobs: torch.Tensor, token_id: torch.Tensor, num: int) -> 
 
 
 def sample(
-    logits: torch.Tensor, rows: list[SamplingRow]
+    logits: torch.Tensor, rows: list[SamplingRow], bitmask: TokenBitmask | None = None
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """logits [B, V] float32 -> next token per row and, where asked, its logprobs."""
+    """logits [B, V] float32 -> next token per row and, where asked, its logprobs; `bitmask`:
+    the grammar masks of the constrained rows, if any."""
     wants_logprobs = [r.params.logprobs is not None for r in rows]
     raw = torch.log_softmax(logits, dim=-1) if any(wants_logprobs) else None
     if any(r.params.has_penalties for r in rows):
         logits = _apply_penalties(logits.clone(), rows)
+    if bitmask is not None:
+        logits = _apply_bitmask(logits.clone(), bitmask)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
     if random_rows:
