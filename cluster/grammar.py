@@ -1,9 +1,10 @@
 """Grammar-constrained decoding with llguidance (see the README for why not xgrammar).
 
 `GrammarCompiler` compiles a `StructuredOutput` for one tokenizer, each distinct grammar once
-(an LRU cache of pristine matchers, copied for every sequence); `MaskWorker` fills a step's
-next-token bitmasks on a worker thread while the model's forward pass runs (llguidance releases
-the GIL). Shapes: R constrained rows, W = ceil(V / 32) mask words.
+(an LRU cache of pristine matchers, copied for every sequence); `MaskWorker` computes a step's
+next-token masks (llguidance's bitmasks, unpacked to a logits bias) on a worker thread while the
+model's forward pass runs (llguidance releases the GIL). Shapes: R constrained rows,
+W = ceil(V / 32) bitmask words.
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
 import llguidance.numpy
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 from cluster.params import RequestError, StructuredOutput
-from cluster.sampler import TokenBitmask
+from cluster.sampler import TokenMask
 
 log = logging.getLogger(__name__)
 
 # NOTE: JSON as json.dumps writes it: no free whitespace, so a model cannot pad forever
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 LIMITS = llguidance.LLParserLimits(verbose_errors=False)  # NOTE: errors name no parser state
+BIAS = np.array([-np.inf, 0.0], dtype=np.float32)  # forbidden, allowed
 
 
 def grammar_text(spec: StructuredOutput) -> str:
@@ -101,9 +104,7 @@ class MaskWorker:
         self._thread: ThreadPoolExecutor | None = None
         self._executor: llguidance.LLExecutor | None = None
 
-    def submit(
-        self, matchers: Sequence[llguidance.LLMatcher | None]
-    ) -> Future[TokenBitmask] | None:
+    def submit(self, matchers: Sequence[llguidance.LLMatcher | None]) -> Future[TokenMask] | None:
         """Start the masks of the rows that have a matcher; None (no work) when none has."""
         indices = [i for i, m in enumerate(matchers) if m is not None]
         if not indices:
@@ -113,9 +114,12 @@ class MaskWorker:
             self._executor = llguidance.LLExecutor()
         return self._thread.submit(self._fill, [matchers[i] for i in indices], indices)
 
-    def _fill(self, matchers: list[llguidance.LLMatcher], indices: list[int]) -> TokenBitmask:
+    def _fill(self, matchers: list[llguidance.LLMatcher], indices: list[int]) -> TokenMask:
         bits = llguidance.numpy.allocate_token_bitmask(len(matchers), self.vocab_size)  # [R, W]
         llguidance.numpy.fill_next_token_bitmask_par(
             self._executor, [(m, i) for i, m in enumerate(matchers)], bits
         )
-        return TokenBitmask(indices, torch.from_numpy(bits))
+        # NOTE: bit j of word w allows token 32 w + j; words are little-endian, so the bytes'
+        # bits in little order are the tokens in order
+        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")  # [R, 32 W]
+        return TokenMask(indices, torch.from_numpy(np.take(BIAS, allowed)))

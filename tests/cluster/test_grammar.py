@@ -124,3 +124,21 @@ def test_compiled_grammars_are_cached_per_spec(olmoe):
     for spec in (specs[0], specs[0], specs[1], specs[0], specs[2]):
         compiler.create(spec)
     assert list(compiler._cache) == [specs[0], specs[2]]  # NOTE: least recently used went
+
+
+def test_masks_allow_exactly_the_tokens_the_grammar_allows(olmoe):
+    tokenizer = olmoe.tokenizer.tokenizer
+    words = ("Hello, world!", "The quick brown fox!")
+    matcher = olmoe.grammars.create(
+        StructuredOutput("regex", "(Hello, world|The quick brown fox)!")
+    )
+    mask = olmoe.masks.submit([None, matcher, None]).result()
+    assert mask.row_indices == [1] and mask.bias.shape[1] >= olmoe.model.config.vocab_size
+    allowed = set((mask.bias[0] == 0).nonzero().flatten().tolist())
+    expected = {
+        t
+        for t in range(tokenizer.get_vocab_size())
+        if (text := tokenizer.decode([t])) and any(w.startswith(text) for w in words)
+    }
+    assert allowed == expected and len(expected) > 3
+    assert olmoe.masks.submit([None, None]) is None
