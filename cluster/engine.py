@@ -13,6 +13,7 @@ import torch
 
 from cluster.block_manager import BlockManager
 from cluster.detokenizer import TextStream
+from cluster.grammar import GrammarCompiler, MaskWorker, advance
 from cluster.outputs import RequestOutput, RequestState
 from cluster.params import RequestError, RequestLimits, SamplingParams
 from cluster.runner import ModelRunner, StepLogits, kv_cache_bytes_per_block
@@ -103,6 +104,8 @@ class Engine:
         self.seq_ids = itertools.count()
         self.eos_ids = frozenset(model.config.eos_token_ids)
         self.limits = RequestLimits(model.config.vocab_size, self.max_model_len)
+        self.grammars = GrammarCompiler(tokenizer.tokenizer, model.config.vocab_size, self.eos_ids)
+        self.masks = MaskWorker(self.grammars.vocab_size)
         self.num_steps = 0
 
     @property
@@ -118,6 +121,11 @@ class Engine:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         max_tokens = self.validate(prompt_ids, params)
+        # NOTE: compiled once per distinct grammar (cached), then copied per sample
+        matchers = [
+            self.grammars.create(params.structured) if params.structured else None
+            for _ in range(params.n)
+        ]
         seqs = [
             Sequence(next(self.seq_ids), list(prompt_ids), len(prompt_ids), max_tokens)
             for _ in range(params.n)
@@ -142,7 +150,7 @@ class Engine:
         ]
         # NOTE: the first sample computes the prompt logprobs: it must compute its whole prompt
         seqs[0].can_hit_cache = params.prompt_logprobs is None
-        state = RequestState(request_id, list(prompt_ids), params, seqs, rows, streams)
+        state = RequestState(request_id, list(prompt_ids), params, seqs, rows, streams, matchers)
         self.requests[request_id] = state
         for index, seq in enumerate(seqs):
             self.owner[seq.seq_id] = (state, index)
@@ -180,10 +188,13 @@ class Engine:
         if out.is_empty:
             return []
         self.num_steps += 1
-        logits = self.runner.execute(out.scheduled, self._prompt_logprob_ids(out))
         sampling = [item.seq for item in out.scheduled if item.is_sampling]
-        rows = [self.owner[seq.seq_id][0].rows[self.owner[seq.seq_id][1]] for seq in sampling]
-        tokens, logprobs = sample(logits.sampling, rows)
+        owners = [self.owner[seq.seq_id] for seq in sampling]
+        # NOTE: the grammar masks are computed on a worker thread during the forward pass
+        masks = self.masks.submit([state.matchers[index] for state, index in owners])
+        logits = self.runner.execute(out.scheduled, self._prompt_logprob_ids(out))
+        rows = [state.rows[index] for state, index in owners]
+        tokens, logprobs = sample(logits.sampling, rows, masks.result() if masks else None)
         self._record_prompt_logprobs(out, logits)
         self.scheduler.update(out, {s.seq_id: t for s, t in zip(sampling, tokens, strict=True)})
         changed: dict[str, set[int]] = {}
@@ -202,11 +213,14 @@ class Engine:
         if logprobs is not None:
             state.pending_logprobs[index].append(logprobs)
         is_stop_string = state.streams[index].add(token)
+        matcher = state.matchers[index]
+        is_grammar_complete = matcher is not None and advance(matcher, token)
         params = state.params
         if (
             (token in self.eos_ids and not params.ignore_eos)
             or token in params.stop_token_ids
             or is_stop_string
+            or is_grammar_complete
         ):
             self.scheduler.finish(seq, "stop")
         elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:

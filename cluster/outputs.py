@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from cluster.detokenizer import TextStream
 from cluster.params import SamplingParams
@@ -18,7 +19,8 @@ class CompletionDelta:
     text: str  # new text (a withheld possible stop-string prefix comes later)
     token_ids: tuple[int, ...]  # new tokens
     logprobs: tuple[TokenLogprobs, ...]  # one per new token when logprobs were asked
-    finish_reason: str | None  # "stop", "length", "abort" once finished
+    finish_reason: str | None  # "stop", "length", "abort" once finished (a completed
+    # grammar is "stop")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class RequestState:
     seqs: list[Sequence]
     rows: list[SamplingRow]
     streams: list[TextStream]
+    matchers: list[Any]  # per sample: its llguidance matcher, or None when unconstrained
     pending_tokens: list[list[int]] = field(default_factory=list)
     pending_logprobs: list[list[TokenLogprobs]] = field(default_factory=list)
     prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)

@@ -11,6 +11,22 @@ class RequestError(ValueError):
     """A request the engine rejects before doing any work (bad parameters, too long...)."""
 
 
+GRAMMAR_KINDS = ("json_schema", "regex", "lark")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar every completion must match (compiled by llguidance: cluster/grammar.py).
+    The completion finishes ("stop") once the grammar is complete."""
+
+    kind: str  # "json_schema" (text: the schema as JSON), "regex" or "lark"
+    text: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise RequestError(f"grammar kind must be one of {GRAMMAR_KINDS}, got {self.kind!r}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one request's completions; `temperature == 0` means greedy."""
@@ -31,6 +47,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per generated token (the sampled one always)
     prompt_logprobs: int | None = None  # for `echo`: logprobs of the prompt tokens
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None  # constrain the output to a grammar
 
     def __post_init__(self) -> None:
         checks = [

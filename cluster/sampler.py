@@ -1,7 +1,8 @@
 """Next-token selection: penalties, temperature, top-k/top-p/min-p, seeded sampling, logprobs.
 
-Shapes: B sampling rows, V vocabulary. Logprobs are those of the model's distribution before
-penalties and temperature (what the model said, not what the filters kept).
+Shapes: B sampling rows, V vocabulary, R rows with a grammar.
+Logprobs are those of the model's distribution before penalties, grammar masks and temperature
+(what the model said, not what the filters kept).
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ class TokenLogprobs:
     logprob: float
     rank: int  # 1 = the most likely token
     top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class TokenMask:
+    """The tokens each constrained row may take next, as a logits bias (built off the main
+    thread: see cluster/grammar.py)."""
+
+    row_indices: list[int]  # the constrained rows of the batch, in order
+    bias: torch.Tensor  # [R, V'] float32: 0 allowed, -inf forbidden (V' >= V; excess ignored)
 
 
 @dataclass
@@ -53,6 +63,14 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
             logits[i] -= params.frequency_penalty * counts
             logits[i] -= params.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
+
+
+def apply_token_mask(logits: torch.Tensor, mask: TokenMask) -> torch.Tensor:
+    """-inf on every token a row's grammar forbids, in place; other rows are untouched."""
+    device = logits.device
+    rows = torch.tensor(mask.row_indices, device=device)
+    # NOTE: an add, not masked_fill: 20x faster on CPU for [16, 50k]
+    return logits.index_add_(0, rows, mask.bias[:, : logits.shape[1]].to(device))
 
 
 def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -100,13 +118,16 @@ def token_logprobs(logprobs: torch.Tensor, token_id: torch.Tensor, num: int) -> 
 
 
 def sample(
-    logits: torch.Tensor, rows: list[SamplingRow]
+    logits: torch.Tensor, rows: list[SamplingRow], mask: TokenMask | None = None
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """logits [B, V] float32 -> next token per row and, where asked, its logprobs."""
+    """logits [B, V] float32 -> next token per row and, where asked, its logprobs; `mask`:
+    the grammar masks of the constrained rows, if any."""
     wants_logprobs = [r.params.logprobs is not None for r in rows]
     raw = torch.log_softmax(logits, dim=-1) if any(wants_logprobs) else None
     if any(r.params.has_penalties for r in rows):
         logits = _apply_penalties(logits.clone(), rows)
+    if mask is not None:
+        logits = apply_token_mask(logits.clone(), mask)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
     if random_rows:

@@ -181,6 +181,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--shard-cpus", type=float, default=0.5, help="Ray CPUs per shard actor")
     step.add_argument("--out", type=Path, help="write the JSON rows here")
     step.set_defaults(func=_run_bench_step)
+    grammar = kinds.add_parser("grammar", help="decode step cost of a JSON-schema constraint")
+    grammar.add_argument("--checkpoint", required=True)
+    grammar.add_argument("--tokenizer", default=None, help="a directory with another tokenizer")
+    grammar.add_argument("--batch", type=_positive_int, default=16)
+    grammar.add_argument("--output-tokens", type=_positive_int, default=64)
+    grammar.add_argument("--dtype", default=None)
+    grammar.add_argument("--rounds", type=_positive_int, default=5)
+    grammar.add_argument("--out", type=Path, help="write the JSON report here")
+    grammar.set_defaults(func=_run_bench_grammar)
 
 
 def _positive_int(text: str) -> int:
@@ -243,6 +252,22 @@ def _run_bench_prefix(args: argparse.Namespace) -> int:
         args.num_requests,
         args.repeats,
         args.dtype,
+    )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _run_bench_grammar(args: argparse.Namespace) -> int:
+    from deploy.bench.grammar_bench import bench_grammar
+
+    report = bench_grammar(
+        args.checkpoint,
+        args.tokenizer,
+        args.batch,
+        args.output_tokens,
+        args.dtype,
+        args.out,
+        args.rounds,
     )
     print(json.dumps(report, indent=2))
     return 0

@@ -11,9 +11,11 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from cluster.grammar import GrammarCompiler
 from cluster.outputs import RequestOutput
-from cluster.params import RequestError, RequestLimits, SamplingParams
+from cluster.params import RequestError, RequestLimits, SamplingParams, StructuredOutput
 from cluster.sampler import TokenLogprobs
+from deploy import structured
 from deploy.access_log import AccessRecord
 from deploy.errors import ApiError, as_api_error
 from deploy.limits import LimitsConfig
@@ -38,6 +40,7 @@ class ModelEndpoint:
     handle: object  # DeploymentHandle of its ModelReplica deployment
     tokenizer: TextTokenizer
     limits: RequestLimits
+    grammars: GrammarCompiler  # checks structured-output grammars before queuing
 
 
 @dataclass
@@ -111,6 +114,14 @@ class Frontend:
         """The model's limits for each prompt, then the server's for the whole request."""
         max_tokens = [endpoint.limits.check(ids, params) for ids in prompts]
         self.limits.check(params, max_tokens)
+
+    async def check_grammars(
+        self, endpoint: ModelEndpoint, checks: tuple[tuple[str, StructuredOutput], ...]
+    ) -> None:
+        """Compile a request's grammars (off the event loop: a big schema can take a while);
+        RequestError naming the first that does not compile."""
+        if checks:
+            await asyncio.to_thread(structured.check_grammars, endpoint.grammars, checks)
 
     async def stream(
         self, endpoint: ModelEndpoint, prompts: list[list[int]], params: SamplingParams

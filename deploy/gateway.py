@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from cluster.grammar import GrammarCompiler
 from cluster.params import RequestLimits
 from deploy import grpc_server, openai_server
 from deploy.access_log import AccessRecord, configure_access_log
@@ -91,8 +92,13 @@ def build_endpoint(model: ModelConfig, handle) -> ModelEndpoint:
     info = ModelInfo(
         model.name, config.architecture, max_len, model.expert_parallel_size, config.num_experts
     )
+    tokenizer = TextTokenizer.from_dir(directory)
     return ModelEndpoint(
-        info, handle, TextTokenizer.from_dir(directory), RequestLimits(config.vocab_size, max_len)
+        info,
+        handle,
+        tokenizer,
+        RequestLimits(config.vocab_size, max_len),
+        GrammarCompiler(tokenizer.tokenizer, config.vocab_size, config.eos_token_ids),
     )
 
 

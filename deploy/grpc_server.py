@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import AsyncIterator
 
 from cluster.params import RequestError, SamplingParams
 from cluster.sampler import TokenLogprobs
+from deploy import grpc_inputs
 from deploy.access_log import AccessRecord
 from deploy.errors import ApiError, as_api_error
 from deploy.frontend import ChoiceState, Frontend, ModelEndpoint, PromptRun, request_id
+from deploy.structured import ToolPlan
+from deploy.tool_calls import ToolCallDelta, ToolCallReader, merge_calls
 from models.tokenizer import TextTokenizer
 from protos import moe_serving_pb2 as pb
 
@@ -51,29 +55,33 @@ def _params(request: pb.GenerateRequest, is_chat: bool) -> SamplingParams:
         raise RequestError(f"invalid sampling parameters: {exc}") from None
 
 
-def _prompt(frontend: Frontend, endpoint: ModelEndpoint, request: pb.GenerateRequest) -> list[int]:
+def _prompt(
+    frontend: Frontend,
+    endpoint: ModelEndpoint,
+    request: pb.GenerateRequest,
+    tools: list[dict] | None,
+) -> list[int]:
     kind = request.WhichOneof("input")
     if kind == "prompt":
         return frontend.prompt_ids(endpoint, request.prompt)
     if kind == "prompt_token_ids":
         return frontend.prompt_ids(endpoint, list(request.prompt_token_ids.ids))
     if kind == "chat":
-        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        if not messages or any(m["role"] not in ("system", "user", "assistant") for m in messages):
-            raise RequestError("chat needs messages with roles system, user or assistant")
-        return endpoint.tokenizer.encode_chat(messages)
+        return endpoint.tokenizer.encode_chat(grpc_inputs.messages(request), tools=tools)
     raise RequestError("set one of prompt, prompt_token_ids or chat")
 
 
-def _prepare(frontend: Frontend, request: pb.GenerateRequest):
+async def _prepare(frontend: Frontend, request: pb.GenerateRequest):
     endpoint = frontend.endpoint(request.model)
     is_chat = request.WhichOneof("input") == "chat"
     if is_chat and request.echo:
         raise RequestError("echo applies to prompt and prompt_token_ids, not to chat")
-    params = _params(request, is_chat)
-    prompt = _prompt(frontend, endpoint, request)
+    wanted = grpc_inputs.structure(request, is_chat, endpoint.info.architecture)
+    params = dataclasses.replace(_params(request, is_chat), structured=wanted.grammar)
+    prompt = _prompt(frontend, endpoint, request, wanted.template_tools)
     frontend.check(endpoint, [prompt], params)
-    return endpoint, params, prompt
+    await frontend.check_grammars(endpoint, wanted.checks)
+    return endpoint, params, prompt, wanted.plan
 
 
 def _token_logprob(tokenizer: TextTokenizer, token_id: int, entry: TokenLogprobs | None):
@@ -90,14 +98,22 @@ def _token_logprob(tokenizer: TextTokenizer, token_id: int, entry: TokenLogprobs
     )
 
 
+def _tool_call(call: ToolCallDelta) -> pb.ToolCall:
+    return pb.ToolCall(
+        index=call.index, id=call.id or "", name=call.name or "", arguments=call.arguments
+    )
+
+
 def _choice(
     tokenizer: TextTokenizer,
     index: int,
     state: ChoiceState,
     echo: PromptRun | None,
     want_logprobs: bool,
+    calls: list[ToolCallDelta] = (),
 ) -> pb.Choice:
-    """`echo`: the prompt to prepend (with its logprobs when `want_logprobs`)."""
+    """`echo`: the prompt to prepend (with its logprobs when `want_logprobs`); `state.text`
+    is what is left of the text once `calls` were read out of it."""
     logprobs, text = [], state.text
     if echo is not None:
         text = tokenizer.decode(echo.prompt_ids, skip_special_tokens=False) + text
@@ -114,6 +130,7 @@ def _choice(
         token_ids=state.token_ids,
         logprobs=logprobs,
         finish_reason=state.finish_reason or "",
+        tool_calls=[_tool_call(call) for call in calls],
     )
 
 
@@ -144,7 +161,7 @@ async def generate(
 ) -> pb.GenerateResponse:
     try:
         authorize(frontend, context)
-        endpoint, params, prompt = _prepare(frontend, request)
+        endpoint, params, prompt, plan = await _prepare(frontend, request)
         runs, choices = await frontend.collect(endpoint, [prompt], params, access)
     except Exception as exc:
         _fail(frontend, request.model, "grpc_generate", context, exc)
@@ -156,9 +173,31 @@ async def generate(
     return pb.GenerateResponse(
         id=request_id("gen"),
         model=request.model,
-        choices=[_choice(endpoint.tokenizer, i, c, echo, want) for i, c in enumerate(choices)],
+        choices=[
+            _unary_choice(endpoint.tokenizer, i, c, echo, want, plan) for i, c in enumerate(choices)
+        ],
         usage=_usage(len(prompt), num_completion, runs[0].num_cached_tokens),
     )
+
+
+def _unary_choice(
+    tokenizer: TextTokenizer,
+    index: int,
+    state: ChoiceState,
+    echo: PromptRun | None,
+    want_logprobs: bool,
+    plan: ToolPlan,
+) -> pb.Choice:
+    reader = ToolCallReader(plan)
+    text, deltas = reader.feed(state.text, is_final=True)
+    calls = [
+        ToolCallDelta(i, c["function"]["arguments"], c["id"], c["function"]["name"])
+        for i, c in enumerate(merge_calls(deltas))
+    ]
+    state = dataclasses.replace(
+        state, text=text, finish_reason=reader.finish_reason(state.finish_reason)
+    )
+    return _choice(tokenizer, index, state, echo, want_logprobs, calls)
 
 
 async def generate_stream(
@@ -166,11 +205,12 @@ async def generate_stream(
 ) -> AsyncIterator[pb.GenerateStreamResponse]:
     try:
         authorize(frontend, context)
-        endpoint, params, prompt = _prepare(frontend, request)
+        endpoint, params, prompt, plan = await _prepare(frontend, request)
     except Exception as exc:
         error = _fail(frontend, request.model, "grpc_generate_stream", context, exc)
         raise StreamAborted(error.message) from None
     rid, num_completion, echoed = request_id("gen"), 0, set()
+    readers = [ToolCallReader(plan) for _ in range(params.n)]
     want = request.HasField("logprobs")
     tracker = frontend.metrics.track(request.model, [prompt], access)
     outputs = frontend.stream(endpoint, [prompt], params)
@@ -180,14 +220,15 @@ async def generate_stream(
             choices = []
             for delta in output.deltas:
                 num_completion += len(delta.token_ids)
-                state = ChoiceState(
-                    delta.text, list(delta.token_ids), list(delta.logprobs), delta.finish_reason
-                )
+                reader = readers[delta.index]
+                text, calls = reader.feed(delta.text, delta.finish_reason is not None)
+                finish = reader.finish_reason(delta.finish_reason)
+                state = ChoiceState(text, list(delta.token_ids), list(delta.logprobs), finish)
                 echo = None
                 if request.echo and delta.index not in echoed:
                     echoed.add(delta.index)
                     echo = PromptRun(prompt, output.prompt_logprobs)
-                choices.append(_choice(endpoint.tokenizer, delta.index, state, echo, want))
+                choices.append(_choice(endpoint.tokenizer, delta.index, state, echo, want, calls))
             yield pb.GenerateStreamResponse(id=rid, model=request.model, choices=choices)
         tracker.done()
         yield pb.GenerateStreamResponse(

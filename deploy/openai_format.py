@@ -7,6 +7,8 @@ from typing import Any
 
 from cluster.sampler import TokenLogprobs
 from deploy.frontend import ChoiceState, PromptRun
+from deploy.structured import ToolPlan
+from deploy.tool_calls import ToolCallReader, merge_calls
 from models.tokenizer import TextTokenizer
 
 
@@ -127,6 +129,23 @@ def completion_body(
     }
 
 
+def chat_choice(
+    index: int, state: ChoiceState, plan: ToolPlan, logprobs: dict | None
+) -> dict[str, Any]:
+    """One choice of a chat completion: its text as content, or as tool calls."""
+    reader = ToolCallReader(plan)
+    content, deltas = reader.feed(state.text, is_final=True)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if plan.mode != "text":
+        message |= {"content": content or None, "tool_calls": merge_calls(deltas)}
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": logprobs,
+        "finish_reason": reader.finish_reason(state.finish_reason),
+    }
+
+
 def chat_body(
     request_id: str,
     created: int,
@@ -135,14 +154,12 @@ def chat_body(
     choices: list[ChoiceState],
     want_logprobs: bool,
     tokenizer: TextTokenizer,
+    plan: ToolPlan,
 ) -> dict:
     body_choices = [
-        {
-            "index": index,
-            "message": {"role": "assistant", "content": state.text},
-            "logprobs": chat_logprobs(tokenizer, state.logprobs) if want_logprobs else None,
-            "finish_reason": state.finish_reason,
-        }
+        chat_choice(
+            index, state, plan, chat_logprobs(tokenizer, state.logprobs) if want_logprobs else None
+        )
         for index, state in enumerate(choices)
     ]
     num_completion = sum(len(c.token_ids) for c in choices)

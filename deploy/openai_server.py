@@ -3,12 +3,13 @@ plain 4xx responses), then either one JSON body or an SSE stream ending in `data
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cluster.outputs import RequestOutput
-from cluster.params import SamplingParams
+from cluster.params import RequestError, SamplingParams
 from deploy.access_log import AccessRecord
 from deploy.errors import as_api_error
 from deploy.frontend import Frontend, ModelEndpoint, PromptRun, now, request_id
@@ -23,18 +24,24 @@ from deploy.openai_format import (
     usage,
 )
 from deploy.protocol import ChatCompletionRequest, CompletionRequest
+from deploy.structured import ToolPlan, chat_grammar, plan_tools, response_grammar
+from deploy.tool_calls import ToolCallReader, delta_body
 
 
-def _prepare_completion(frontend: Frontend, body: CompletionRequest):
+async def _prepare_completion(frontend: Frontend, body: CompletionRequest):
+    if body.tools is not None or body.tool_choice is not None:
+        raise RequestError("tools and tool_choice apply to /v1/chat/completions, not completions")
     endpoint = frontend.endpoint(body.model)
-    params = body.to_params()
+    grammar = response_grammar(body.response_format)
+    params = dataclasses.replace(body.to_params(), structured=grammar)
     prompts = [frontend.prompt_ids(endpoint, p) for p in body.prompts()]
     frontend.check(endpoint, prompts, params)
+    await frontend.check_grammars(endpoint, (("response_format", grammar),) if grammar else ())
     return endpoint, params, prompts
 
 
 async def completions(frontend: Frontend, body: CompletionRequest, access: AccessRecord):
-    endpoint, params, prompts = _prepare_completion(frontend, body)
+    endpoint, params, prompts = await _prepare_completion(frontend, body)
     rid, created = request_id("cmpl"), now()
     if body.stream:
         tracker = frontend.metrics.track(body.model, prompts, access)
@@ -127,26 +134,33 @@ async def _completion_chunks(
     yield SSE_DONE
 
 
-def _prepare_chat(frontend: Frontend, body: ChatCompletionRequest):
+async def _prepare_chat(frontend: Frontend, body: ChatCompletionRequest):
     endpoint = frontend.endpoint(body.model)
-    params = body.to_params()
+    plan = plan_tools(
+        body.tools, body.tool_choice, body.parallel_tool_calls, endpoint.info.architecture
+    )
+    grammar, checks = chat_grammar(plan, body.response_format)
+    params = dataclasses.replace(body.to_params(), structured=grammar)
     messages = [m.as_template_input() for m in body.messages]
-    prompt = endpoint.tokenizer.encode_chat(messages, body.add_generation_prompt)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    prompt = endpoint.tokenizer.encode_chat(messages, body.add_generation_prompt, tools)
     frontend.check(endpoint, [prompt], params)
-    return endpoint, params, prompt
+    await frontend.check_grammars(endpoint, checks)
+    return endpoint, params, prompt, plan
 
 
 async def chat_completions(frontend: Frontend, body: ChatCompletionRequest, access: AccessRecord):
-    endpoint, params, prompt = _prepare_chat(frontend, body)
+    endpoint, params, prompt, plan = await _prepare_chat(frontend, body)
     rid, created = request_id("chatcmpl"), now()
     if body.stream:
         tracker = frontend.metrics.track(body.model, [prompt], access)
         outputs = await frontend.started(endpoint, [prompt], params)
-        chunks = _chat_chunks(outputs, tracker, endpoint, body, params, prompt, rid, created)
+        chunks = _chat_chunks(outputs, tracker, endpoint, body, plan, prompt, rid, created)
         return StreamingResponse(chunks, media_type="text/event-stream")
     runs, choices = await frontend.collect(endpoint, [prompt], params, access)
+    tokenizer = endpoint.tokenizer
     return JSONResponse(
-        chat_body(rid, created, body.model, runs[0], choices, body.logprobs, endpoint.tokenizer)
+        chat_body(rid, created, body.model, runs[0], choices, body.logprobs, tokenizer, plan)
     )
 
 
@@ -155,11 +169,13 @@ async def _chat_chunks(
     tracker: RequestTracker,
     endpoint: ModelEndpoint,
     body: ChatCompletionRequest,
-    params: SamplingParams,
+    plan: ToolPlan,
     prompt: list[int],
     rid: str,
     created: int,
 ) -> AsyncIterator[str]:
+    readers = [ToolCallReader(plan) for _ in range(body.n)]
+
     def chunk(choices: list[dict], extra: dict | None = None) -> str:
         return sse(
             {
@@ -182,7 +198,7 @@ async def _chat_chunks(
                     "logprobs": None,
                     "finish_reason": None,
                 }
-                for i in range(params.n)
+                for i in range(body.n)
             ]
         )
         async for _, output in outputs:
@@ -194,16 +210,20 @@ async def _chat_chunks(
                     if body.logprobs
                     else None
                 )
-                if not (delta.text or logprobs or delta.finish_reason):
-                    continue  # NOTE: bytes of a partial character: nothing to show yet
-                content = {"content": delta.text} if delta.text else {}
+                reader = readers[delta.index]
+                text, calls = reader.feed(delta.text, delta.finish_reason is not None)
+                if not (text or calls or logprobs or delta.finish_reason):
+                    continue  # NOTE: a partial character, or text held back: nothing yet
+                content = {"content": text} if text else {}
+                if calls:
+                    content["tool_calls"] = [delta_body(call) for call in calls]
                 yield chunk(
                     [
                         {
                             "index": delta.index,
                             "delta": content,
                             "logprobs": logprobs,
-                            "finish_reason": delta.finish_reason,
+                            "finish_reason": reader.finish_reason(delta.finish_reason),
                         }
                     ]
                 )

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 from cluster.params import MAX_LOGPROBS, RequestError, SamplingParams
 
 TokenId = Annotated[int, Field(ge=0)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # NOTE: OpenAI's rule
 MAX_PROMPTS = 64  # NOTE: each prompt is its own replica call: bound a request's fan-out
 
 
@@ -18,6 +28,24 @@ class Strict(BaseModel):
 
 class StreamOptions(Strict):
     include_usage: StrictBool = False
+
+
+class JsonSchemaFormat(Strict):
+    name: Name
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: StrictStr | None = None
+    strict: StrictBool | None = None  # NOTE: the schema is always enforced
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is required with type "json_schema", and only then')
+        return self
 
 
 class SamplingFields(Strict):
@@ -39,6 +67,7 @@ class SamplingFields(Strict):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None  # NOTE: accepted for client compatibility; not used
+    response_format: ResponseFormat | None = None
 
     def sampling(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
@@ -78,6 +107,9 @@ class CompletionRequest(SamplingFields):
     max_tokens: StrictInt | None = Field(16, ge=1)
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
+    # NOTE: declared only to refuse them with a clear message (chat completions only)
+    tools: Any = None
+    tool_choice: Any = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as texts or token-id lists (a batch is several prompts)."""
@@ -102,18 +134,73 @@ class TextPart(Strict):
     text: StrictStr
 
 
-class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
-    content: StrictStr | list[TextPart]
-    name: StrictStr | None = None
+class FunctionDefinition(Strict):
+    name: Name
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: StrictBool | None = None  # NOTE: required and named calls are always enforced
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: StrictStr
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(Strict):
+    name: StrictStr
+    arguments: StrictStr  # JSON text
+
+
+class ToolCall(Strict):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: CalledFunction
 
     def as_template_input(self) -> dict[str, Any]:
-        text = (
-            self.content
-            if isinstance(self.content, str)
-            else "".join(part.text for part in self.content)
-        )
-        return {"role": self.role, "content": text}
+        """As transformers' templates expect it: arguments as an object when they are one."""
+        try:
+            arguments = json.loads(self.function.arguments)
+        except json.JSONDecodeError:
+            arguments = self.function.arguments
+        function = {"name": self.function.name, "arguments": arguments}
+        return {"id": self.id, "type": "function", "function": function}
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages only
+    tool_call_id: StrictStr | None = None  # tool messages only: the call answered
+
+    @model_validator(mode="after")
+    def _check_roles(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("tool messages need tool_call_id, and only they take one")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (unless an assistant message has tool_calls)")
+        return self
+
+    def as_template_input(self) -> dict[str, Any]:
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(part.text for part in content)
+        message: dict[str, Any] = {"role": self.role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = [call.as_template_input() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -123,6 +210,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: StrictBool = True
+    tools: list[Tool] | None = Field(None, min_length=1)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
     def to_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:

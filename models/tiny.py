@@ -20,11 +20,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 ARCHS = ("olmoe", "jetmoe", "granitemoe")
 TOKENIZER_VOCAB = 512  # NOTE: a larger model vocabulary is padding, as in real checkpoints
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-CHAT_TEMPLATE = (
+CHAT_TEMPLATE = (  # NOTE: tools and tool messages rendered as JSON, as instruct templates do
+    "{% if tools %}<|system|>\nTools: {{ tools | tojson }}<|end|>\n{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
     "{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{% if message['tool_calls'] is defined %}{{ message['tool_calls'] | tojson }}{% endif %}"
+    "<|end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/moe_serving.proto\x12\rmoeserving.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.moeserving.v1.ChatMessage\"\x89\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x33\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x17.moeserving.v1.TokenIdsH\x00\x12+\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1b.moeserving.v1.ChatMessagesH\x00\x12\x17\n\nmax_tokens\x18\n \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0b \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x0c \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\r \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x0e \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x10 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\r\x12\x0e\n\x01n\x18\x12 \x01(\rH\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x13 \x01(\rH\x08\x88\x01\x01\x12\x0c\n\x04\x65\x63ho\x18\x14 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x15 \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x16 \x01(\x02H\n\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x17 \x01(\x02H\x0b\x88\x01\x01\x12\x12\n\nignore_eos\x18\x18 \x01(\x08\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x04\n\x02_nB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"h\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12&\n\x03top\x18\x04 \x03(\x0b\x32\x19.moeserving.v1.TopLogprob\"~\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.moeserving.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"z\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x15.moeserving.v1.Choice\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.moeserving.v1.Usage\"\x80\x01\n\x16GenerateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x15.moeserving.v1.Choice\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.moeserving.v1.Usage\"\x13\n\x11ListModelsRequest\"y\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x1c\n\x14\x65xpert_parallel_size\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.moeserving.v1.ModelInfo2\x87\x02\n\nMoEServing\x12K\n\x08Generate\x12\x1e.moeserving.v1.GenerateRequest\x1a\x1f.moeserving.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.moeserving.v1.GenerateRequest\x1a%.moeserving.v1.GenerateStreamResponse0\x01\x12Q\n\nListModels\x12 .moeserving.v1.ListModelsRequest\x1a!.moeserving.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/moe_serving.proto\x12\rmoeserving.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"o\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x03 \x01(\t\x12+\n\ntool_calls\x18\x04 \x03(\x0b\x32\x17.moeserving.v1.ToolCall\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.moeserving.v1.ChatMessage\"\x95\x06\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x33\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x17.moeserving.v1.TokenIdsH\x00\x12+\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1b.moeserving.v1.ChatMessagesH\x00\x12\x17\n\nmax_tokens\x18\n \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0b \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x0c \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\r \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x0e \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x10 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\r\x12\x0e\n\x01n\x18\x12 \x01(\rH\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x13 \x01(\rH\x08\x88\x01\x01\x12\x0c\n\x04\x65\x63ho\x18\x14 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x15 \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x16 \x01(\x02H\n\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x17 \x01(\x02H\x0b\x88\x01\x01\x12\x12\n\nignore_eos\x18\x18 \x01(\x08\x12\x17\n\x0fresponse_format\x18\x19 \x01(\t\x12\x13\n\x0bjson_schema\x18\x1a \x01(\t\x12\r\n\x05tools\x18\x1b \x01(\t\x12\x13\n\x0btool_choice\x18\x1c \x01(\t\x12 \n\x13parallel_tool_calls\x18\x1d \x01(\x08H\x0c\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x04\n\x02_nB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x16\n\x14_parallel_tool_calls\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"h\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12&\n\x03top\x18\x04 \x03(\x0b\x32\x19.moeserving.v1.TopLogprob\"\xab\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.moeserving.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12+\n\ntool_calls\x18\x06 \x03(\x0b\x32\x17.moeserving.v1.ToolCall\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"z\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x15.moeserving.v1.Choice\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.moeserving.v1.Usage\"\x80\x01\n\x16GenerateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x15.moeserving.v1.Choice\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.moeserving.v1.Usage\"\x13\n\x11ListModelsRequest\"y\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x1c\n\x14\x65xpert_parallel_size\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.moeserving.v1.ModelInfo2\x87\x02\n\nMoEServing\x12K\n\x08Generate\x12\x1e.moeserving.v1.GenerateRequest\x1a\x1f.moeserving.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.moeserving.v1.GenerateRequest\x1a%.moeserving.v1.GenerateStreamResponse0\x01\x12Q\n\nListModels\x12 .moeserving.v1.ListModelsRequest\x1a!.moeserving.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,29 +34,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=43
   _globals['_TOKENIDS']._serialized_end=66
   _globals['_CHATMESSAGE']._serialized_start=68
-  _globals['_CHATMESSAGE']._serialized_end=112
-  _globals['_CHATMESSAGES']._serialized_start=114
-  _globals['_CHATMESSAGES']._serialized_end=174
-  _globals['_GENERATEREQUEST']._serialized_start=177
-  _globals['_GENERATEREQUEST']._serialized_end=826
-  _globals['_TOPLOGPROB']._serialized_start=828
-  _globals['_TOPLOGPROB']._serialized_end=890
-  _globals['_TOKENLOGPROB']._serialized_start=892
-  _globals['_TOKENLOGPROB']._serialized_end=996
-  _globals['_CHOICE']._serialized_start=998
-  _globals['_CHOICE']._serialized_end=1124
-  _globals['_USAGE']._serialized_start=1126
-  _globals['_USAGE']._serialized_end=1228
-  _globals['_GENERATERESPONSE']._serialized_start=1230
-  _globals['_GENERATERESPONSE']._serialized_end=1352
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1355
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1483
-  _globals['_LISTMODELSREQUEST']._serialized_start=1485
-  _globals['_LISTMODELSREQUEST']._serialized_end=1504
-  _globals['_MODELINFO']._serialized_start=1506
-  _globals['_MODELINFO']._serialized_end=1627
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1629
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1691
-  _globals['_MOESERVING']._serialized_start=1694
-  _globals['_MOESERVING']._serialized_end=1957
+  _globals['_CHATMESSAGE']._serialized_end=179
+  _globals['_TOOLCALL']._serialized_start=181
+  _globals['_TOOLCALL']._serialized_end=251
+  _globals['_CHATMESSAGES']._serialized_start=253
+  _globals['_CHATMESSAGES']._serialized_end=313
+  _globals['_GENERATEREQUEST']._serialized_start=316
+  _globals['_GENERATEREQUEST']._serialized_end=1105
+  _globals['_TOPLOGPROB']._serialized_start=1107
+  _globals['_TOPLOGPROB']._serialized_end=1169
+  _globals['_TOKENLOGPROB']._serialized_start=1171
+  _globals['_TOKENLOGPROB']._serialized_end=1275
+  _globals['_CHOICE']._serialized_start=1278
+  _globals['_CHOICE']._serialized_end=1449
+  _globals['_USAGE']._serialized_start=1451
+  _globals['_USAGE']._serialized_end=1553
+  _globals['_GENERATERESPONSE']._serialized_start=1555
+  _globals['_GENERATERESPONSE']._serialized_end=1677
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1680
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1808
+  _globals['_LISTMODELSREQUEST']._serialized_start=1810
+  _globals['_LISTMODELSREQUEST']._serialized_end=1829
+  _globals['_MODELINFO']._serialized_start=1831
+  _globals['_MODELINFO']._serialized_end=1952
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1954
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2016
+  _globals['_MOESERVING']._serialized_start=2019
+  _globals['_MOESERVING']._serialized_end=2282
 # @@protoc_insertion_point(module_scope)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cluster.params import RequestError, SamplingParams
-from cluster.sampler import SamplingRow, sample
+from cluster.sampler import SamplingRow, TokenMask, sample
 
 V = 50
 
@@ -103,3 +103,27 @@ def test_logprobs_are_the_models_and_sorted():
 def test_invalid_parameters_are_rejected(bad):
     with pytest.raises(RequestError):
         SamplingParams(**bad)
+
+
+def mask_of(rows: list[int], allowed: list[set[int]]) -> TokenMask:
+    bias = torch.full((len(rows), V + 7), float("-inf"))  # NOTE: wider than V, as llguidance's
+    for r, tokens in enumerate(allowed):
+        bias[r, sorted(tokens)] = 0.0
+    return TokenMask(rows, bias)
+
+
+def test_a_mask_restricts_only_its_rows_and_logprobs_stay_the_models():
+    logits = logits_batch(4)
+    best = logits.argmax(-1).tolist()
+    allowed = [{3, 31, 40}, {best[3]}]
+    rows = [row(temperature=0.0, logprobs=2) for _ in range(4)]
+    tokens, logprobs = sample(logits.clone(), rows, mask_of([1, 3], allowed))
+    assert tokens[0] == best[0] and tokens[2] == best[2] and tokens[3] == best[3]
+    assert tokens[1] == max(allowed[0], key=lambda t: float(logits[1, t]))
+    raw = torch.log_softmax(logits[1], -1)
+    assert logprobs[1].logprob == pytest.approx(float(raw[tokens[1]]))
+    assert logprobs[1].top[0][0] == best[1]
+    seen = {
+        sample(logits.clone(), [row(seed=s)], mask_of([0], allowed[:1]))[0][0] for s in range(100)
+    }
+    assert seen == allowed[0]

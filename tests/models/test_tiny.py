@@ -59,6 +59,39 @@ def test_tokenizer_and_chat_template_match_transformers(tiny):
         ours.render_chat([{"role": "robot", "content": "beep"}])
 
 
+def test_tools_and_tool_messages_render_as_in_transformers(tiny):
+    from transformers import AutoTokenizer
+
+    _, path = tiny
+    ours, theirs = TextTokenizer.from_dir(path), AutoTokenizer.from_pretrained(path)
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    function = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    call = {"id": "call_1", "type": "function", "function": function}
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [call],
+        },
+        {"role": "tool", "content": "18 C", "tool_call_id": "call_1"},
+    ]
+    rendered = ours.render_chat(messages, tools=tools)
+    assert rendered == theirs.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    assert '"get_weather"' in rendered and "<|tool|>\n18 C" in rendered and '"Paris"' in rendered
+
+
 def test_sizes_can_be_chosen(tmp_path):
     main(
         [
