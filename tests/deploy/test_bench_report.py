@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deploy.bench.report import ONE_THREAD
+from deploy.bench.report import KEPT, ONE_THREAD, write_markdown
 from deploy.bench.report_markdown import render
 
 
@@ -61,3 +61,12 @@ def test_every_section_and_the_one_thread_row_are_rendered():
     assert "| 2 | 16 | 120.0 | 1.20x | 1010 | 1000 | +1.0% |" in text
     assert text.count("| HTTP, EP=2 | 16 |") == 1 and "| gRPC, EP=2 | 16 |" in text
     assert "Machine: test machine" in text and "the whole run took 10 minutes" in text
+
+
+def test_a_new_report_keeps_the_sections_after_the_marker(tmp_path):
+    target = tmp_path / "performance.md"
+    write_markdown(target, "# Performance\nold\n")
+    assert target.read_text() == "# Performance\nold\n"
+    target.write_text(f"# Performance\nold\n\n{KEPT}\n## Grammar\nkept\n")
+    write_markdown(target, "# Performance\nnew\n")
+    assert target.read_text() == f"# Performance\nnew\n\n{KEPT}\n## Grammar\nkept\n"
