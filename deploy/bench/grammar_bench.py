@@ -4,7 +4,7 @@ The same batch decodes greedily in-process, unconstrained and with every row con
 SCHEMA (records that never finish within the tokens asked, so both take the same steps), in
 alternating rounds (medians: this machine's speed drifts); then the llguidance work is timed
 alone on the constrained outputs: filling the batch's masks (overlapped with the forward pass in
-the engine) and applying them to the logits.
+the engine), applying them to the logits and advancing the matchers.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from cluster.engine import Engine, EngineConfig
+from cluster.grammar import advance
 from cluster.params import SamplingParams, StructuredOutput
 from cluster.sampler import apply_token_mask
 from models.registry import load_model
@@ -54,21 +55,24 @@ def _decode_ms_per_step(engine: Engine, batch: int, tokens: int, structured) -> 
     return 1000 * (time.perf_counter() - start) / max(steps, 1), list(outputs.values())
 
 
-def _mask_ms(engine: Engine, spec: StructuredOutput, outputs: list[list[int]]) -> tuple:
-    """ms per step to fill the batch's masks, and to apply them to [batch, V] logits."""
+def _mask_ms(engine: Engine, spec: StructuredOutput, outputs: list[list[int]]) -> list[float]:
+    """ms per step to fill the batch's masks, to apply them to [batch, V] logits and to advance
+    the matchers by the sampled tokens."""
     matchers = [engine.grammars.create(spec) for _ in outputs]
     logits = torch.zeros(len(outputs), engine.model.config.vocab_size)
-    fill = apply = 0.0
+    totals = [0.0, 0.0, 0.0]
     num_steps = min(map(len, outputs))
     for step in range(num_steps):
-        started = time.perf_counter()
+        marks = [time.perf_counter()]
         mask = engine.masks.submit(matchers).result()
-        filled = time.perf_counter()
+        marks.append(time.perf_counter())
         apply_token_mask(logits.clone(), mask)
-        fill, apply = fill + filled - started, apply + time.perf_counter() - filled
+        marks.append(time.perf_counter())
         for matcher, output in zip(matchers, outputs, strict=True):
-            matcher.consume_token(output[step])
-    return 1000 * fill / num_steps, 1000 * apply / num_steps
+            advance(matcher, output[step])
+        marks.append(time.perf_counter())
+        totals = [t + b - a for t, a, b in zip(totals, marks[:-1], marks[1:], strict=True)]
+    return [1000 * t / num_steps for t in totals]
 
 
 def bench_grammar(
@@ -93,7 +97,7 @@ def bench_grammar(
         free.append(_decode_ms_per_step(engine, batch, tokens, None)[0])
         ms, outputs = _decode_ms_per_step(engine, batch, tokens, spec)
         constrained.append(ms)
-    fill_ms, apply_ms = _mask_ms(engine, spec, outputs)
+    fill_ms, apply_ms, advance_ms = _mask_ms(engine, spec, outputs)
     free_ms, constrained_ms = statistics.median(free), statistics.median(constrained)
     extra = statistics.median(c - f for c, f in zip(constrained, free, strict=True))
     report = {
@@ -108,6 +112,7 @@ def bench_grammar(
         "extra_ms_per_constrained_token": extra / batch,  # NOTE: median of paired rounds
         "mask_fill_ms_per_step": fill_ms,
         "mask_apply_ms_per_step": apply_ms,
+        "advance_ms_per_step": advance_ms,
         "sample_output": tokenizer.decode(outputs[0]),
     }
     if out is not None:

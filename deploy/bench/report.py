@@ -147,5 +147,15 @@ def run_report(docs: Path) -> Path:
     online = online_section(path, out)
     markdown = render(machine(), engine, step_runs, online, prefix, time.monotonic() - started)
     target = docs / "performance.md"
-    target.write_text(markdown)
+    write_markdown(target, markdown)
     return target
+
+
+KEPT = "<!-- bench report keeps what follows: sections measured by other benchmarks -->"
+
+
+def write_markdown(target: Path, markdown: str) -> None:
+    """Write the report; what follows KEPT in the file it replaces is kept at its end."""
+    previous = target.read_text() if target.exists() else ""
+    kept = previous[previous.index(KEPT) :] if KEPT in previous else ""
+    target.write_text(f"{markdown.rstrip()}\n\n{kept}" if kept else markdown)

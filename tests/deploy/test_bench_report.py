@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deploy.bench.report import ONE_THREAD
+from deploy.bench.report import KEPT, ONE_THREAD, write_markdown
 from deploy.bench.report_markdown import render
 
 
@@ -76,3 +76,12 @@ def test_every_section_and_the_one_thread_row_are_rendered():
 def test_prefix_caching_row_shows_both_times_and_the_ratio():
     text = _markdown(served=3.2, ep2_ms_runs=(150.0,))
     assert "| 8 | 440 | 16 | 30 ms | 200 ms | **0.15x** | 432 |" in text
+
+
+def test_a_new_report_keeps_the_sections_after_the_marker(tmp_path):
+    target = tmp_path / "performance.md"
+    write_markdown(target, "# Performance\nold\n")
+    assert target.read_text() == "# Performance\nold\n"
+    target.write_text(f"# Performance\nold\n\n{KEPT}\n## Grammar\nkept\n")
+    write_markdown(target, "# Performance\nnew\n")
+    assert target.read_text() == f"# Performance\nnew\n\n{KEPT}\n## Grammar\nkept\n"
