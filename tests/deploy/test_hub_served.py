@@ -1,5 +1,9 @@
 """Every published config (tests/data/hub-configs), as a one-layer random checkpoint, served by
-`moe-serve run` at EP = 2: its prompt logprobs match transformers' within 2e-3."""
+`moe-serve run` at EP = 2: its prompt logprobs match transformers' within 2e-3.
+
+NOTE: served in three runs, not one: at full width in float32 the seven take ~10 GB of weights
+and 21 worker processes (18 GB at peak, measured), more than CI's 24 GiB holds beside the rest
+of the suite. Each group stays under ~7 GB."""
 
 from __future__ import annotations
 
@@ -11,6 +15,12 @@ import yaml
 from tests.deploy.conftest import free_port
 from tests.deploy.process import served
 from tests.hub_checkpoints import NAMES
+
+GROUPS = {  # by weight: OLMoE is 2.5 GB in float32, JetMoE 1.7, Granite 3b 1.0, Granite 1b 0.6
+    "olmoe": NAMES[0:2],
+    "granite": NAMES[2:6],
+    "jetmoe": NAMES[6:7],
+}
 
 pytestmark = pytest.mark.slow
 TOL = 2e-3
@@ -36,15 +46,20 @@ def _reference_prompt_logprobs(checkpoint) -> list[float]:
     return logprobs.gather(1, targets[:, None])[:, 0].tolist()
 
 
-def test_every_published_config_serves_at_ep2_like_transformers(hub_checkpoint, tmp_path):
-    checkpoints = {name: hub_checkpoint(name) for name in NAMES}
+def test_the_groups_cover_every_published_config():
+    assert sorted(name for group in GROUPS.values() for name in group) == sorted(NAMES)
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_published_configs_serve_at_ep2_like_transformers(group, hub_checkpoint, tmp_path):
+    checkpoints = {name: hub_checkpoint(name) for name in GROUPS[group]}
     http_port, grpc_port = free_port(), free_port()
     config = tmp_path / "serve.yaml"
     models = [_model(name, c.directory) for name, c in checkpoints.items()]
     config.write_text(
         yaml.safe_dump({"http": {"port": http_port}, "grpc": {"port": grpc_port}, "models": models})
     )
-    with served(config, timeout_s=600):
+    with served(config, timeout_s=300):
         for name, checkpoint in checkpoints.items():
             body = {
                 "model": name,
