@@ -21,7 +21,7 @@ COPY --chown=1000:100 . ${SRC}/
 RUN pip install --no-cache-dir -c ${SRC}/constraints.txt ${SRC} \
     && rm -rf ${SRC} \
     && cd /tmp \
-    && python -c "import deploy.app, protos.moe_serving_pb2_grpc, grpc_health.v1.health_pb2_grpc"
+    && python -c "import moe_serve.deploy.app, moe_serve.protos.moe_serving_pb2_grpc, grpc_health.v1.health_pb2_grpc"
 
 WORKDIR /home/ray
 ENV HF_HOME=/home/ray/.cache/huggingface

@@ -11,11 +11,11 @@ import torch
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.core import EngineCore, ReplicaConfig, StepInput, StepOutput
-from cluster.launchers import ShardLauncher, ShardSpec
-from cluster.params import RequestLimits
-from cluster.shard import ExpertShard
-from cluster.transport import CollectiveTransport, local_ip
+from moe_serve.cluster.core import EngineCore, ReplicaConfig, StepInput, StepOutput
+from moe_serve.cluster.launchers import ShardLauncher, ShardSpec
+from moe_serve.cluster.params import RequestLimits
+from moe_serve.cluster.shard import ExpertShard
+from moe_serve.cluster.transport import CollectiveTransport, local_ip
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from cluster.core import EngineCore, NewRequest, StepInput, StepOutput
-from cluster.outputs import RequestOutput
-from cluster.params import RequestError, RequestLimits, SamplingParams
+from moe_serve.cluster.core import EngineCore, NewRequest, StepInput, StepOutput
+from moe_serve.cluster.outputs import RequestOutput
+from moe_serve.cluster.params import RequestError, RequestLimits, SamplingParams
 
 log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 2

@@ -15,7 +15,7 @@ import struct
 from collections import OrderedDict, deque
 from collections.abc import Collection
 
-from cluster.sequence import Sequence
+from moe_serve.cluster.sequence import Sequence
 
 ROOT_HASH = b""
 

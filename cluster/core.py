@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cluster.engine import Engine, EngineConfig
-from cluster.expert_parallel import Dispatcher, ShardFailure, install_expert_parallel
-from cluster.launchers import ShardLauncher, ShardSpec
-from cluster.outputs import RequestOutput
-from cluster.params import RequestError, SamplingParams
-from cluster.placement import ExpertPlacement, Strategy
-from cluster.shard import is_mlp_expert
-from cluster.shard_group import RebuildPolicy, ShardGroup
-from models.registry import load_model
-from models.tokenizer import TextTokenizer
+from moe_serve.cluster.engine import Engine, EngineConfig
+from moe_serve.cluster.expert_parallel import Dispatcher, ShardFailure, install_expert_parallel
+from moe_serve.cluster.launchers import ShardLauncher, ShardSpec
+from moe_serve.cluster.outputs import RequestOutput
+from moe_serve.cluster.params import RequestError, SamplingParams
+from moe_serve.cluster.placement import ExpertPlacement, Strategy
+from moe_serve.cluster.shard import is_mlp_expert
+from moe_serve.cluster.shard_group import RebuildPolicy, ShardGroup
+from moe_serve.models.registry import load_model
+from moe_serve.models.tokenizer import TextTokenizer
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,17 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.block_manager import BlockManager
-from cluster.detokenizer import TextStream
-from cluster.grammar import GrammarCompiler, MaskWorker, advance
-from cluster.outputs import RequestOutput, RequestState
-from cluster.params import RequestError, RequestLimits, SamplingParams
-from cluster.runner import ModelRunner, StepLogits, kv_cache_bytes_per_block
-from cluster.sampler import SamplingRow, TokenLogprobs, sample, token_logprobs
-from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from cluster.sequence import Sequence
-from models.base import MoeForCausalLM
-from models.tokenizer import TextTokenizer
+from moe_serve.cluster.block_manager import BlockManager
+from moe_serve.cluster.detokenizer import TextStream
+from moe_serve.cluster.grammar import GrammarCompiler, MaskWorker, advance
+from moe_serve.cluster.outputs import RequestOutput, RequestState
+from moe_serve.cluster.params import RequestError, RequestLimits, SamplingParams
+from moe_serve.cluster.runner import ModelRunner, StepLogits, kv_cache_bytes_per_block
+from moe_serve.cluster.sampler import SamplingRow, TokenLogprobs, sample, token_logprobs
+from moe_serve.cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from moe_serve.cluster.sequence import Sequence
+from moe_serve.models.base import MoeForCausalLM
+from moe_serve.models.tokenizer import TextTokenizer
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 

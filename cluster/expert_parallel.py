@@ -10,11 +10,11 @@ import threading
 
 import torch
 
-from cluster.placement import ExpertPlacement
-from cluster.shard import Command, pack_rows, payload_row_bytes
-from cluster.transport import CollectiveTransport, TransportError
-from models.base import MoeForCausalLM
-from models.moe import BaseExperts
+from moe_serve.cluster.placement import ExpertPlacement
+from moe_serve.cluster.shard import Command, pack_rows, payload_row_bytes
+from moe_serve.cluster.transport import CollectiveTransport, TransportError
+from moe_serve.models.base import MoeForCausalLM
+from moe_serve.models.moe import BaseExperts
 
 
 class ShardFailure(RuntimeError):

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from cluster.params import RequestError, StructuredOutput
-from cluster.sampler import TokenMask
+from moe_serve.cluster.params import RequestError, StructuredOutput
+from moe_serve.cluster.sampler import TokenMask
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.shard import ExpertShard
-from cluster.transport import CollectiveTransport, TransportError
+from moe_serve.cluster.shard import ExpertShard
+from moe_serve.cluster.transport import CollectiveTransport, TransportError
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.detokenizer import TextStream
-from cluster.params import SamplingParams
-from cluster.sampler import SamplingRow, TokenLogprobs
-from cluster.sequence import Sequence
+from moe_serve.cluster.detokenizer import TextStream
+from moe_serve.cluster.params import SamplingParams
+from moe_serve.cluster.sampler import SamplingRow, TokenLogprobs
+from moe_serve.cluster.sequence import Sequence
 
 
 @dataclass(frozen=True)

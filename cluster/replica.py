@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ray
 
-from cluster.actors import EngineActor, RayCore, in_gang
-from cluster.async_engine import AsyncEngine, LocalCore
-from cluster.core import EngineCore, ReplicaConfig
-from cluster.launchers import ShardLauncher
+from moe_serve.cluster.actors import EngineActor, RayCore, in_gang
+from moe_serve.cluster.async_engine import AsyncEngine, LocalCore
+from moe_serve.cluster.core import EngineCore, ReplicaConfig
+from moe_serve.cluster.launchers import ShardLauncher
 
 
 def create_local_replica(

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.scheduler import ScheduledSeq
-from models.attention import AttentionMetadata, LayerKVCache, allocate_kv_cache
-from models.base import MoeForCausalLM
+from moe_serve.cluster.scheduler import ScheduledSeq
+from moe_serve.models.attention import AttentionMetadata, LayerKVCache, allocate_kv_cache
+from moe_serve.models.base import MoeForCausalLM
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.params import SamplingParams
+from moe_serve.cluster.params import SamplingParams
 
 
 @dataclass(frozen=True)

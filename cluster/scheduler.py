@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from cluster.block_manager import BlockManager
-from cluster.sequence import Sequence, SequenceStatus
+from moe_serve.cluster.block_manager import BlockManager
+from moe_serve.cluster.sequence import Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
-from cluster.transport import CollectiveTransport
-from models.moe import LocalExperts
-from models.registry import load_model
+from moe_serve.cluster.transport import CollectiveTransport
+from moe_serve.models.moe import LocalExperts
+from moe_serve.models.registry import load_model
 
 
 def pack_rows(

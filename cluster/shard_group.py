@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.expert_parallel import Dispatcher, ShardFailure
-from cluster.launchers import ShardLauncher, ShardSpec
-from cluster.placement import ExpertPlacement
-from cluster.transport import CollectiveTransport, Rendezvous, local_ip
+from moe_serve.cluster.expert_parallel import Dispatcher, ShardFailure
+from moe_serve.cluster.launchers import ShardLauncher, ShardSpec
+from moe_serve.cluster.placement import ExpertPlacement
+from moe_serve.cluster.transport import CollectiveTransport, Rendezvous, local_ip
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The Serve application: a Gateway ingress in front of one ModelReplica deployment per model,
 plus the metrics hub. `build_app` is the import path Serve config files use:
-`import_path: deploy.app:build_app`, `args:` the serving config (deploy/config.py).
+`import_path: moe_serve.deploy.app:build_app`, `args:` the serving config (deploy/config.py).
 
 Secrets: nothing secret travels in the application's args or a runtime_env (both are shown by
 the Ray dashboard and Serve's config): the gateway reads $MOE_SERVE_API_KEY from the
@@ -16,15 +16,21 @@ import ray
 from ray.serve import Application
 from ray.serve.schema import LoggingConfig
 
-from deploy.config import API_KEY_ENV, ConfigFileError, ModelConfig, ServeConfig, parse_config
-from deploy.gateway import Gateway
-from deploy.metrics import MetricsHub
-from deploy.model_replica import ModelReplica
-from deploy.validate import ModelCheckError, check_models
+from moe_serve.deploy.config import (
+    API_KEY_ENV,
+    ConfigFileError,
+    ModelConfig,
+    ServeConfig,
+    parse_config,
+)
+from moe_serve.deploy.gateway import Gateway
+from moe_serve.deploy.metrics import MetricsHub
+from moe_serve.deploy.model_replica import ModelReplica
+from moe_serve.deploy.validate import ModelCheckError, check_models
 
 APP_NAME = "moe-serve"
 GRPC_SERVICERS = [
-    "protos.moe_serving_pb2_grpc.add_MoEServingServicer_to_server",
+    "moe_serve.protos.moe_serving_pb2_grpc.add_MoEServingServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.tiny import ARCHS, TinySpec, write_tiny
+from moe_serve.models.tiny import ARCHS, TinySpec, write_tiny
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -67,8 +67,8 @@ def ray_address(flag: str | None) -> str | None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     """Every model is checked before Ray starts: each problem is one line, exit status 2."""
-    from deploy.config import ConfigFileError, demo_config, load_config
-    from deploy.validate import check_address, check_models
+    from moe_serve.deploy.config import ConfigFileError, demo_config, load_config
+    from moe_serve.deploy.validate import check_address, check_models
 
     try:
         config = load_config(args.config) if args.config else demo_config()
@@ -88,7 +88,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     # NOTE: before Ray is imported: the driver prints the replicas' lines (access lines,
     # warnings) as they are, without Ray's "(ServeReplica:... pid=...)" prefix
     os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
-    from deploy.serving import run
+    from moe_serve.deploy.serving import run
 
     return run(config, address, args.log_level)
 
@@ -120,7 +120,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
 
 
 def _workload(args: argparse.Namespace):
-    from deploy.bench.workload import Workload, parse_range
+    from moe_serve.deploy.bench.workload import Workload, parse_range
 
     return Workload(
         args.num_requests,
@@ -200,7 +200,7 @@ def _positive_int(text: str) -> int:
 
 
 def _run_bench_engine(args: argparse.Namespace) -> int:
-    from deploy.bench.engine_bench import bench_engine
+    from moe_serve.deploy.bench.engine_bench import bench_engine
 
     report = bench_engine(
         args.checkpoint,
@@ -215,8 +215,8 @@ def _run_bench_engine(args: argparse.Namespace) -> int:
 
 
 def _run_bench_online(args: argparse.Namespace) -> int:
-    from deploy.bench.online import Target
-    from deploy.bench.online_report import bench_online, print_table
+    from moe_serve.deploy.bench.online import Target
+    from moe_serve.deploy.bench.online_report import bench_online, print_table
 
     workload = _workload(args)
     levels = [int(c) for c in args.sweep.split(",")] if args.sweep else [workload.concurrency]
@@ -236,14 +236,14 @@ def _run_bench_online(args: argparse.Namespace) -> int:
 
 
 def _run_bench_report(args: argparse.Namespace) -> int:
-    from deploy.bench.report import run_report
+    from moe_serve.deploy.bench.report import run_report
 
     print(f"wrote {run_report(args.out)}")
     return 0
 
 
 def _run_bench_prefix(args: argparse.Namespace) -> int:
-    from deploy.bench.prefix_bench import bench_prefix
+    from moe_serve.deploy.bench.prefix_bench import bench_prefix
 
     report = bench_prefix(
         args.checkpoint,
@@ -258,7 +258,7 @@ def _run_bench_prefix(args: argparse.Namespace) -> int:
 
 
 def _run_bench_grammar(args: argparse.Namespace) -> int:
-    from deploy.bench.grammar_bench import bench_grammar
+    from moe_serve.deploy.bench.grammar_bench import bench_grammar
 
     report = bench_grammar(
         args.checkpoint,
@@ -274,7 +274,7 @@ def _run_bench_grammar(args: argparse.Namespace) -> int:
 
 
 def _run_bench_step(args: argparse.Namespace) -> int:
-    from deploy.bench.step_bench import measure
+    from moe_serve.deploy.bench.step_bench import measure
 
     batches = [int(b) for b in args.batch.split(",")]
     print(f"{'ep':>3} {'batch':>6} {'ms/step':>9} {'bytes/step':>12} {'min bytes':>12}", flush=True)
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tiny(sub)
     _add_run(sub)
     _add_bench(sub)
-    from deploy.client import add_client
+    from moe_serve.deploy.client import add_client
 
     add_client(sub)
     return parser

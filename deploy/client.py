@@ -8,9 +8,9 @@ import sys
 
 import grpc
 
-from deploy.config import API_KEY_ENV
-from protos import moe_serving_pb2 as pb
-from protos import moe_serving_pb2_grpc as pb_grpc
+from moe_serve.deploy.config import API_KEY_ENV
+from moe_serve.protos import moe_serving_pb2 as pb
+from moe_serve.protos import moe_serving_pb2_grpc as pb_grpc
 
 
 def add_client(sub: argparse._SubParsersAction) -> None:

@@ -18,9 +18,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.core import ReplicaConfig
-from cluster.engine import EngineConfig
-from deploy.limits import LimitsConfig
+from moe_serve.cluster.core import ReplicaConfig
+from moe_serve.cluster.engine import EngineConfig
+from moe_serve.deploy.limits import LimitsConfig
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"
 GIB = 1 << 30

@@ -9,9 +9,9 @@ import grpc
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from cluster.async_engine import EngineStepError
-from cluster.params import RequestError
-from models.tokenizer import ChatTemplateError
+from moe_serve.cluster.async_engine import EngineStepError
+from moe_serve.cluster.params import RequestError
+from moe_serve.models.tokenizer import ChatTemplateError
 
 log = logging.getLogger(__name__)
 

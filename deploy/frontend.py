@@ -11,16 +11,16 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from cluster.grammar import GrammarCompiler
-from cluster.outputs import RequestOutput
-from cluster.params import RequestError, RequestLimits, SamplingParams, StructuredOutput
-from cluster.sampler import TokenLogprobs
-from deploy import structured
-from deploy.access_log import AccessRecord
-from deploy.errors import ApiError, as_api_error
-from deploy.limits import LimitsConfig
-from deploy.metrics import GatewayMetrics
-from models.tokenizer import TextTokenizer
+from moe_serve.cluster.grammar import GrammarCompiler
+from moe_serve.cluster.outputs import RequestOutput
+from moe_serve.cluster.params import RequestError, RequestLimits, SamplingParams, StructuredOutput
+from moe_serve.cluster.sampler import TokenLogprobs
+from moe_serve.deploy import structured
+from moe_serve.deploy.access_log import AccessRecord
+from moe_serve.deploy.errors import ApiError, as_api_error
+from moe_serve.deploy.limits import LimitsConfig
+from moe_serve.deploy.metrics import GatewayMetrics
+from moe_serve.models.tokenizer import TextTokenizer
 
 
 @dataclass(frozen=True)

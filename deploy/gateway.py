@@ -14,20 +14,20 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from cluster.grammar import GrammarCompiler
-from cluster.params import RequestLimits
-from deploy import grpc_server, openai_server
-from deploy.access_log import AccessRecord, configure_access_log
-from deploy.config import ModelConfig, ServeConfig, api_key_from_environment
-from deploy.errors import ApiError, as_api_error
-from deploy.frontend import Frontend, ModelEndpoint, ModelInfo
-from deploy.health import READY_WITHIN_S, Health, assess, needs_serve_status
-from deploy.metrics import GatewayMetrics
-from deploy.openai_format import models_body
-from deploy.protocol import ChatCompletionRequest, CompletionRequest
-from models.registry import load_config
-from models.source import resolve_source
-from models.tokenizer import TextTokenizer
+from moe_serve.cluster.grammar import GrammarCompiler
+from moe_serve.cluster.params import RequestLimits
+from moe_serve.deploy import grpc_server, openai_server
+from moe_serve.deploy.access_log import AccessRecord, configure_access_log
+from moe_serve.deploy.config import ModelConfig, ServeConfig, api_key_from_environment
+from moe_serve.deploy.errors import ApiError, as_api_error
+from moe_serve.deploy.frontend import Frontend, ModelEndpoint, ModelInfo
+from moe_serve.deploy.health import READY_WITHIN_S, Health, assess, needs_serve_status
+from moe_serve.deploy.metrics import GatewayMetrics
+from moe_serve.deploy.openai_format import models_body
+from moe_serve.deploy.protocol import ChatCompletionRequest, CompletionRequest
+from moe_serve.models.registry import load_config
+from moe_serve.models.source import resolve_source
+from moe_serve.models.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 << 20

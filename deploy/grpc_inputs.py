@@ -9,10 +9,10 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from cluster.params import RequestError, StructuredOutput
-from deploy.protocol import ChatMessage, NamedToolChoice, ResponseFormat, Tool
-from deploy.structured import ToolPlan, chat_grammar, plan_tools, response_grammar
-from protos import moe_serving_pb2 as pb
+from moe_serve.cluster.params import RequestError, StructuredOutput
+from moe_serve.deploy.protocol import ChatMessage, NamedToolChoice, ResponseFormat, Tool
+from moe_serve.deploy.structured import ToolPlan, chat_grammar, plan_tools, response_grammar
+from moe_serve.protos import moe_serving_pb2 as pb
 
 Checks = tuple[tuple[str, StructuredOutput], ...]
 TOOLS = TypeAdapter(list[Tool])

@@ -6,16 +6,16 @@ import dataclasses
 import math
 from collections.abc import AsyncIterator
 
-from cluster.params import RequestError, SamplingParams
-from cluster.sampler import TokenLogprobs
-from deploy import grpc_inputs
-from deploy.access_log import AccessRecord
-from deploy.errors import ApiError, as_api_error
-from deploy.frontend import ChoiceState, Frontend, ModelEndpoint, PromptRun, request_id
-from deploy.structured import ToolPlan
-from deploy.tool_calls import ToolCallDelta, ToolCallReader, merge_calls
-from models.tokenizer import TextTokenizer
-from protos import moe_serving_pb2 as pb
+from moe_serve.cluster.params import RequestError, SamplingParams
+from moe_serve.cluster.sampler import TokenLogprobs
+from moe_serve.deploy import grpc_inputs
+from moe_serve.deploy.access_log import AccessRecord
+from moe_serve.deploy.errors import ApiError, as_api_error
+from moe_serve.deploy.frontend import ChoiceState, Frontend, ModelEndpoint, PromptRun, request_id
+from moe_serve.deploy.structured import ToolPlan
+from moe_serve.deploy.tool_calls import ToolCallDelta, ToolCallReader, merge_calls
+from moe_serve.models.tokenizer import TextTokenizer
+from moe_serve.protos import moe_serving_pb2 as pb
 
 _OPTIONAL = (  # NOTE: optional proto fields: unset ones keep SamplingParams' defaults
     "temperature",

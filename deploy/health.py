@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from deploy.config import ModelConfig
+from moe_serve.deploy.config import ModelConfig
 
 READY_WITHIN_S = 10.0  # NOTE: replicas report every 2 s
 FAILING = ("UNHEALTHY", "DEPLOY_FAILED")  # Serve's DeploymentStatus values that mean failing

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.params import RequestError, SamplingParams
+from moe_serve.cluster.params import RequestError, SamplingParams
 
 
 class LimitsConfig(BaseModel):

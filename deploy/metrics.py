@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ray import serve
 
-from cluster.outputs import RequestOutput
-from deploy.access_log import AccessRecord
+from moe_serve.cluster.outputs import RequestOutput
+from moe_serve.deploy.access_log import AccessRecord
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STALE_AFTER_S = 30.0

@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from cluster.outputs import RequestOutput
-from cluster.params import SamplingParams
-from cluster.replica import create_ray_replica
-from deploy.config import ModelConfig
-from models.source import resolve_source
+from moe_serve.cluster.outputs import RequestOutput
+from moe_serve.cluster.params import SamplingParams
+from moe_serve.cluster.replica import create_ray_replica
+from moe_serve.deploy.config import ModelConfig
+from moe_serve.models.source import resolve_source
 
 log = logging.getLogger(__name__)
 STATS_PERIOD_S = 2.0

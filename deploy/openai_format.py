@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cluster.sampler import TokenLogprobs
-from deploy.frontend import ChoiceState, PromptRun
-from deploy.structured import ToolPlan
-from deploy.tool_calls import ToolCallReader, merge_calls
-from models.tokenizer import TextTokenizer
+from moe_serve.cluster.sampler import TokenLogprobs
+from moe_serve.deploy.frontend import ChoiceState, PromptRun
+from moe_serve.deploy.structured import ToolPlan
+from moe_serve.deploy.tool_calls import ToolCallReader, merge_calls
+from moe_serve.models.tokenizer import TextTokenizer
 
 
 def usage(num_prompt: int, num_completion: int, num_cached: int) -> dict[str, Any]:

@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cluster.outputs import RequestOutput
-from cluster.params import RequestError, SamplingParams
-from deploy.access_log import AccessRecord
-from deploy.errors import as_api_error
-from deploy.frontend import Frontend, ModelEndpoint, PromptRun, now, request_id
-from deploy.metrics import RequestTracker
-from deploy.openai_format import (
+from moe_serve.cluster.outputs import RequestOutput
+from moe_serve.cluster.params import RequestError, SamplingParams
+from moe_serve.deploy.access_log import AccessRecord
+from moe_serve.deploy.errors import as_api_error
+from moe_serve.deploy.frontend import Frontend, ModelEndpoint, PromptRun, now, request_id
+from moe_serve.deploy.metrics import RequestTracker
+from moe_serve.deploy.openai_format import (
     SSE_DONE,
     chat_body,
     chat_logprobs,
@@ -23,9 +23,9 @@ from deploy.openai_format import (
     sse,
     usage,
 )
-from deploy.protocol import ChatCompletionRequest, CompletionRequest
-from deploy.structured import ToolPlan, chat_grammar, plan_tools, response_grammar
-from deploy.tool_calls import ToolCallReader, delta_body
+from moe_serve.deploy.protocol import ChatCompletionRequest, CompletionRequest
+from moe_serve.deploy.structured import ToolPlan, chat_grammar, plan_tools, response_grammar
+from moe_serve.deploy.tool_calls import ToolCallReader, delta_body
 
 
 async def _prepare_completion(frontend: Frontend, body: CompletionRequest):

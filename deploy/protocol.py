@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from cluster.params import MAX_LOGPROBS, RequestError, SamplingParams
+from moe_serve.cluster.params import MAX_LOGPROBS, RequestError, SamplingParams
 
 TokenId = Annotated[int, Field(ge=0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # NOTE: OpenAI's rule

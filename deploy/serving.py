@@ -21,8 +21,8 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from deploy.app import APP_NAME, GRPC_SERVICERS, build_app, serve_logging
-from deploy.config import API_KEY_ENV, ServeConfig
+from moe_serve.deploy.app import APP_NAME, GRPC_SERVICERS, build_app, serve_logging
+from moe_serve.deploy.config import API_KEY_ENV, ServeConfig
 
 GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # read by Serve's proxies at start
 

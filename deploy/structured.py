@@ -14,9 +14,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.grammar import GrammarCompiler
-from cluster.params import RequestError, StructuredOutput
-from deploy.protocol import NamedToolChoice, ResponseFormat, Tool
+from moe_serve.cluster.grammar import GrammarCompiler
+from moe_serve.cluster.params import RequestError, StructuredOutput
+from moe_serve.deploy.protocol import NamedToolChoice, ResponseFormat, Tool
 
 # architecture -> the tool-call format its instruct models emit, read under tool_choice "auto"
 TOOL_CALL_FORMATS = {"GraniteMoeForCausalLM": "granite"}

@@ -12,7 +12,7 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from deploy.structured import ToolPlan
+from moe_serve.deploy.structured import ToolPlan
 
 GRANITE_MARKERS = ("<|tool_call|>", "<tool_call>")  # NOTE: special token (3.0), text (3.1+)
 

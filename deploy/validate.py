@@ -12,10 +12,10 @@ import json
 import socket
 from pathlib import Path
 
-from deploy.config import ModelConfig, ServeConfig
-from models.registry import read_checkpoint_config
-from models.source import resolve_source
-from models.tokenizer import TextTokenizer
+from moe_serve.deploy.config import ModelConfig, ServeConfig
+from moe_serve.models.registry import read_checkpoint_config
+from moe_serve.models.source import resolve_source
+from moe_serve.models.tokenizer import TextTokenizer
 
 # NOTE: where each architecture's config.json keeps its expert count (olmoe, granitemoe, jetmoe)
 EXPERT_KEYS = ("num_experts", "num_local_experts", "moe_num_experts")

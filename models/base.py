@@ -11,11 +11,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from models.attention import AttentionMetadata, LayerKVCache, paged_attention
-from models.config import ModelConfig
-from models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, linear
-from models.moe import MoeBlock
-from models.weights import WeightNameMap
+from moe_serve.models.attention import AttentionMetadata, LayerKVCache, paged_attention
+from moe_serve.models.config import ModelConfig
+from moe_serve.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, linear
+from moe_serve.models.moe import MoeBlock
+from moe_serve.models.weights import WeightNameMap
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 

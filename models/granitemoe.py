@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from models.base import Attention, MoeForCausalLM
-from models.config import ModelConfig, read_dtype, read_eos, read_rope, require_absent_or
-from models.weights import ExpertTensor, WeightNameMap
+from moe_serve.models.base import Attention, MoeForCausalLM
+from moe_serve.models.config import ModelConfig, read_dtype, read_eos, read_rope, require_absent_or
+from moe_serve.models.weights import ExpertTensor, WeightNameMap
 
 _MOE = r"model\.layers\.(?P<layer>\d+)\.block_sparse_moe\."
 _TARGET = "model.layers.{layer}.mlp.experts."

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.attention import AttentionMetadata, LayerKVCache, paged_attention
-from models.base import MoeForCausalLM, Rope
-from models.config import (
+from moe_serve.models.attention import AttentionMetadata, LayerKVCache, paged_attention
+from moe_serve.models.base import MoeForCausalLM, Rope
+from moe_serve.models.config import (
     ConfigError,
     ModelConfig,
     read_dtype,
@@ -25,9 +25,9 @@ from models.config import (
     read_rope,
     require_absent_or,
 )
-from models.layers import Linear, apply_rotary
-from models.moe import Router, combine_by_token, group_by_expert, grouped_linear
-from models.weights import ExpertTensor, WeightNameMap
+from moe_serve.models.layers import Linear, apply_rotary
+from moe_serve.models.moe import Router, combine_by_token, group_by_expert, grouped_linear
+from moe_serve.models.weights import ExpertTensor, WeightNameMap
 
 _MLP = r"model\.layers\.(?P<layer>\d+)\.mlp\."
 _TARGET = "model.layers.{layer}.mlp.experts."

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from models.weights import Resolved, WeightNameMap
+from moe_serve.models.weights import Resolved, WeightNameMap
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ModelConfig, RouterRule
-from models.layers import ACTIVATIONS, linear
+from moe_serve.models.config import ModelConfig, RouterRule
+from moe_serve.models.layers import ACTIVATIONS, linear
 
 
 class Router(nn.Module):

@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from models.base import Attention, MoeForCausalLM
-from models.config import (
+from moe_serve.models.base import Attention, MoeForCausalLM
+from moe_serve.models.config import (
     ConfigError,
     ModelConfig,
     read_dtype,
@@ -15,7 +15,7 @@ from models.config import (
     read_rope,
     require_absent_or,
 )
-from models.weights import ExpertTensor, WeightNameMap
+from moe_serve.models.weights import ExpertTensor, WeightNameMap
 
 _EXPERT = r"model\.layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<expert>\d+)\."
 _TARGET = "model.layers.{layer}.mlp.experts."

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from models.base import MoeForCausalLM
-from models.config import DTYPES, ConfigError, ModelConfig
-from models.granitemoe import GraniteMoeForCausalLM
-from models.jetmoe import JetMoeForCausalLM
-from models.loader import CheckpointFiles, WeightLoadError, load_weights
-from models.olmoe import OlmoeForCausalLM
+from moe_serve.models.base import MoeForCausalLM
+from moe_serve.models.config import DTYPES, ConfigError, ModelConfig
+from moe_serve.models.granitemoe import GraniteMoeForCausalLM
+from moe_serve.models.jetmoe import JetMoeForCausalLM
+from moe_serve.models.loader import CheckpointFiles, WeightLoadError, load_weights
+from moe_serve.models.olmoe import OlmoeForCausalLM
 
 ARCHITECTURES: dict[str, type[MoeForCausalLM]] = {
     cls.model_type: cls for cls in (OlmoeForCausalLM, JetMoeForCausalLM, GraniteMoeForCausalLM)

@@ -21,7 +21,7 @@ def cache_dir() -> Path:
 def tiny_checkpoint(arch: str, seed: int = 0) -> Path:
     """The tiny checkpoint of `arch`, written once to the cache (atomically: concurrent
     replicas on one node may race to create it)."""
-    from models.tiny import ARCHS, write_tiny
+    from moe_serve.models.tiny import ARCHS, write_tiny
 
     if arch not in ARCHS:
         raise SourceError(f"unknown tiny architecture {arch!r}; choose one of {ARCHS}")

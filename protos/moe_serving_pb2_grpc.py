@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import moe_serving_pb2 as protos_dot_moe__serving__pb2
+from moe_serve.protos import moe_serving_pb2 as moe__serve_dot_protos_dot_moe__serving__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/moe_serving_pb2_grpc.py depends on'
+        + ' but the generated code in moe_serve/protos/moe_serving_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class MoEServingStub:
         """
         self.Generate = channel.unary_unary(
                 '/moeserving.v1.MoEServing/Generate',
-                request_serializer=protos_dot_moe__serving__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_moe__serving__pb2.GenerateResponse.FromString,
+                request_serializer=moe__serve_dot_protos_dot_moe__serving__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=moe__serve_dot_protos_dot_moe__serving__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/moeserving.v1.MoEServing/GenerateStream',
-                request_serializer=protos_dot_moe__serving__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_moe__serving__pb2.GenerateStreamResponse.FromString,
+                request_serializer=moe__serve_dot_protos_dot_moe__serving__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=moe__serve_dot_protos_dot_moe__serving__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/moeserving.v1.MoEServing/ListModels',
-                request_serializer=protos_dot_moe__serving__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=protos_dot_moe__serving__pb2.ListModelsResponse.FromString,
+                request_serializer=moe__serve_dot_protos_dot_moe__serving__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=moe__serve_dot_protos_dot_moe__serving__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
 
 
@@ -80,18 +80,18 @@ def add_MoEServingServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_moe__serving__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_moe__serving__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=moe__serve_dot_protos_dot_moe__serving__pb2.GenerateRequest.FromString,
+                    response_serializer=moe__serve_dot_protos_dot_moe__serving__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=protos_dot_moe__serving__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_moe__serving__pb2.GenerateStreamResponse.SerializeToString,
+                    request_deserializer=moe__serve_dot_protos_dot_moe__serving__pb2.GenerateRequest.FromString,
+                    response_serializer=moe__serve_dot_protos_dot_moe__serving__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=protos_dot_moe__serving__pb2.ListModelsRequest.FromString,
-                    response_serializer=protos_dot_moe__serving__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=moe__serve_dot_protos_dot_moe__serving__pb2.ListModelsRequest.FromString,
+                    response_serializer=moe__serve_dot_protos_dot_moe__serving__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -119,8 +119,8 @@ class MoEServing:
             request,
             target,
             '/moeserving.v1.MoEServing/Generate',
-            protos_dot_moe__serving__pb2.GenerateRequest.SerializeToString,
-            protos_dot_moe__serving__pb2.GenerateResponse.FromString,
+            moe__serve_dot_protos_dot_moe__serving__pb2.GenerateRequest.SerializeToString,
+            moe__serve_dot_protos_dot_moe__serving__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,8 +146,8 @@ class MoEServing:
             request,
             target,
             '/moeserving.v1.MoEServing/GenerateStream',
-            protos_dot_moe__serving__pb2.GenerateRequest.SerializeToString,
-            protos_dot_moe__serving__pb2.GenerateStreamResponse.FromString,
+            moe__serve_dot_protos_dot_moe__serving__pb2.GenerateRequest.SerializeToString,
+            moe__serve_dot_protos_dot_moe__serving__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -173,8 +173,8 @@ class MoEServing:
             request,
             target,
             '/moeserving.v1.MoEServing/ListModels',
-            protos_dot_moe__serving__pb2.ListModelsRequest.SerializeToString,
-            protos_dot_moe__serving__pb2.ListModelsResponse.FromString,
+            moe__serve_dot_protos_dot_moe__serving__pb2.ListModelsRequest.SerializeToString,
+            moe__serve_dot_protos_dot_moe__serving__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

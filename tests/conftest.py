@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from models.tiny import ARCHS, write_tiny
+from moe_serve.models.tiny import ARCHS, write_tiny
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def ray_cluster():
     """One local Ray instance for the whole session (logical CPUs: shards ask for fractions)."""
     import ray
 
-    from deploy.config import API_KEY_ENV
+    from moe_serve.deploy.config import API_KEY_ENV
 
     saved = os.environ.get(API_KEY_ENV)
     os.environ[API_KEY_ENV] = GATEWAY_API_KEY

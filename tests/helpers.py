@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from models.attention import AttentionMetadata, allocate_kv_cache
-from models.base import MoeForCausalLM
+from moe_serve.models.attention import AttentionMetadata, allocate_kv_cache
+from moe_serve.models.base import MoeForCausalLM
 
 HF_CLASSES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from deploy.bench.workload import WorkItem
+from moe_serve.deploy.bench.workload import WorkItem
 
 
 def run_transformers(

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from cluster.engine import Engine, EngineConfig
-from cluster.params import SamplingParams
-from deploy.bench.baseline import run_transformers
-from deploy.bench.workload import WorkItem, Workload
-from models.registry import load_model, resolve_dtype
-from models.tokenizer import TextTokenizer
+from moe_serve.cluster.engine import Engine, EngineConfig
+from moe_serve.cluster.params import SamplingParams
+from moe_serve.deploy.bench.baseline import run_transformers
+from moe_serve.deploy.bench.workload import WorkItem, Workload
+from moe_serve.models.registry import load_model, resolve_dtype
+from moe_serve.models.tokenizer import TextTokenizer
 
 
 def run_engine(

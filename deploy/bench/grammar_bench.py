@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from cluster.engine import Engine, EngineConfig
-from cluster.grammar import advance
-from cluster.params import SamplingParams, StructuredOutput
-from cluster.sampler import apply_token_mask
-from models.registry import load_model
-from models.tokenizer import TextTokenizer
+from moe_serve.cluster.engine import Engine, EngineConfig
+from moe_serve.cluster.grammar import advance
+from moe_serve.cluster.params import SamplingParams, StructuredOutput
+from moe_serve.cluster.sampler import apply_token_mask
+from moe_serve.models.registry import load_model
+from moe_serve.models.tokenizer import TextTokenizer
 
 RECORD = {
     "type": "object",

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 import grpc
 import httpx
 
-from deploy.bench.workload import WorkItem, Workload
-from protos import moe_serving_pb2 as pb
-from protos import moe_serving_pb2_grpc as pb_grpc
+from moe_serve.deploy.bench.workload import WorkItem, Workload
+from moe_serve.protos import moe_serving_pb2 as pb
+from moe_serve.protos import moe_serving_pb2_grpc as pb_grpc
 
 
 @dataclass

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from deploy.bench.baseline import run_transformers
-from deploy.bench.online import Target, sweep
-from deploy.bench.plots import latency_cdf, throughput_plot
-from deploy.bench.workload import Workload
+from moe_serve.deploy.bench.baseline import run_transformers
+from moe_serve.deploy.bench.online import Target, sweep
+from moe_serve.deploy.bench.plots import latency_cdf, throughput_plot
+from moe_serve.deploy.bench.workload import Workload
 
 
 def bench_online(

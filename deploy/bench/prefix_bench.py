@@ -8,10 +8,10 @@ import random
 import statistics
 import time
 
-from cluster.engine import Engine, EngineConfig
-from cluster.params import SamplingParams
-from models.registry import load_model, resolve_dtype
-from models.tokenizer import TextTokenizer
+from moe_serve.cluster.engine import Engine, EngineConfig
+from moe_serve.cluster.params import SamplingParams
+from moe_serve.models.registry import load_model, resolve_dtype
+from moe_serve.models.tokenizer import TextTokenizer
 
 PARAMS = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
-from deploy.bench.engine_bench import bench_engine
-from deploy.bench.online import Target
-from deploy.bench.online_report import bench_online
-from deploy.bench.plots import step_plot
-from deploy.bench.prefix_bench import bench_prefix
-from deploy.bench.report_markdown import median_step_run, render
-from deploy.bench.step_bench import measure
-from deploy.bench.workload import Workload
-from models.source import cache_dir
-from models.tiny import TinySpec, write_tiny
+from moe_serve.deploy.bench.engine_bench import bench_engine
+from moe_serve.deploy.bench.online import Target
+from moe_serve.deploy.bench.online_report import bench_online
+from moe_serve.deploy.bench.plots import step_plot
+from moe_serve.deploy.bench.prefix_bench import bench_prefix
+from moe_serve.deploy.bench.report_markdown import median_step_run, render
+from moe_serve.deploy.bench.step_bench import measure
+from moe_serve.deploy.bench.workload import Workload
+from moe_serve.models.source import cache_dir
+from moe_serve.models.tiny import TinySpec, write_tiny
 
 SPEC = TinySpec(
     vocab_size=50304,
@@ -70,8 +70,8 @@ def serve_models(path: str):
     """A local Serve app with the checkpoint at EP = 2 and EP = 1."""
     from ray import serve
 
-    from deploy.config import parse_config
-    from deploy.serving import start
+    from moe_serve.deploy.config import parse_config
+    from moe_serve.deploy.serving import start
 
     models = [
         {

@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from cluster.async_engine import AsyncEngine, EngineStepError
-from cluster.core import StepInput, StepOutput
-from cluster.params import RequestLimits, SamplingParams
+from moe_serve.cluster.async_engine import AsyncEngine, EngineStepError
+from moe_serve.cluster.core import StepInput, StepOutput
+from moe_serve.cluster.params import RequestLimits, SamplingParams
 
 
 class FailingCore:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
-from cluster.block_manager import ROOT_HASH, BlockManager, hash_block
-from cluster.scheduler import Scheduler, SchedulerConfig
-from cluster.sequence import Sequence
+from moe_serve.cluster.block_manager import ROOT_HASH, BlockManager, hash_block
+from moe_serve.cluster.scheduler import Scheduler, SchedulerConfig
+from moe_serve.cluster.sequence import Sequence
 from tests.cluster.test_scheduler import chunks, make_scheduler, make_seq, run_step
 
 _ids = itertools.count(10_000)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.detokenizer import TextStream
-from models.tokenizer import TextTokenizer
+from moe_serve.cluster.detokenizer import TextStream
+from moe_serve.models.tokenizer import TextTokenizer
 
 TEXT = "Hello there, café 東京 🙂 ok. Stop here please"
 

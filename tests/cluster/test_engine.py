@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from cluster.core import ReplicaConfig
-from cluster.engine import Engine, EngineConfig
-from cluster.params import RequestError, SamplingParams
-from cluster.replica import create_local_replica
-from models.registry import load_model
-from models.tiny import ARCHS
-from models.tokenizer import TextTokenizer
+from moe_serve.cluster.core import ReplicaConfig
+from moe_serve.cluster.engine import Engine, EngineConfig
+from moe_serve.cluster.params import RequestError, SamplingParams
+from moe_serve.cluster.replica import create_local_replica
+from moe_serve.models.registry import load_model
+from moe_serve.models.tiny import ARCHS
+from moe_serve.models.tokenizer import TextTokenizer
 
 MAX_TOKENS = 32
 

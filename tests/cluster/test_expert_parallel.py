@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cluster.async_engine import EngineStepError
-from cluster.core import ReplicaConfig
-from cluster.engine import EngineConfig
-from cluster.launchers import ThreadShardLauncher
-from cluster.params import SamplingParams
-from cluster.replica import create_local_replica, create_ray_replica
-from models.tiny import ARCHS
+from moe_serve.cluster.async_engine import EngineStepError
+from moe_serve.cluster.core import ReplicaConfig
+from moe_serve.cluster.engine import EngineConfig
+from moe_serve.cluster.launchers import ThreadShardLauncher
+from moe_serve.cluster.params import SamplingParams
+from moe_serve.cluster.replica import create_local_replica, create_ray_replica
+from moe_serve.models.tiny import ARCHS
 
 pytestmark = pytest.mark.slow
 ENGINE = EngineConfig(max_model_len=512, block_size=8)
@@ -108,7 +108,7 @@ def test_a_shard_holds_only_its_experts(tiny_dirs, ray_cluster):
 
 
 def test_attention_side_and_shards_split_the_weights(tiny_dirs):
-    from models.registry import load_model
+    from moe_serve.models.registry import load_model
 
     path = str(tiny_dirs["jetmoe"])
     full = load_model(path)

@@ -8,8 +8,8 @@ import json
 import jsonschema
 import pytest
 
-from cluster.grammar import GrammarCompiler
-from cluster.params import RequestError, SamplingParams, StructuredOutput
+from moe_serve.cluster.grammar import GrammarCompiler
+from moe_serve.cluster.params import RequestError, SamplingParams, StructuredOutput
 from tests.cluster.test_engine import greedy, make_engine, run
 
 SCHEMA = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.placement import ExpertPlacement
+from moe_serve.cluster.placement import ExpertPlacement
 
 
 def test_contiguous_uneven_split():

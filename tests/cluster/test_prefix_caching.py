@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from cluster.core import EngineCore, ReplicaConfig
-from cluster.engine import Engine, EngineConfig
-from cluster.launchers import ThreadShardLauncher
-from cluster.params import SamplingParams
-from models.tiny import ARCHS
+from moe_serve.cluster.core import EngineCore, ReplicaConfig
+from moe_serve.cluster.engine import Engine, EngineConfig
+from moe_serve.cluster.launchers import ThreadShardLauncher
+from moe_serve.cluster.params import SamplingParams
+from moe_serve.models.tiny import ARCHS
 from tests.cluster.test_block_manager import assert_accounting
 from tests.cluster.test_engine import greedy, make_engine, run
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.params import RequestError, SamplingParams
-from cluster.sampler import SamplingRow, TokenMask, sample
+from moe_serve.cluster.params import RequestError, SamplingParams
+from moe_serve.cluster.sampler import SamplingRow, TokenMask, sample
 
 V = 50
 

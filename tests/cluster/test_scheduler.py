@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 
-from cluster.block_manager import BlockManager
-from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from cluster.sequence import Sequence, SequenceStatus
+from moe_serve.cluster.block_manager import BlockManager
+from moe_serve.cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from moe_serve.cluster.sequence import Sequence, SequenceStatus
 
 _ids = itertools.count()
 

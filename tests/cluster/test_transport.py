@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cluster import transport
-from cluster.transport import CollectiveTransport, Rendezvous, TransportError
+from moe_serve.cluster import transport
+from moe_serve.cluster.transport import CollectiveTransport, Rendezvous, TransportError
 
 HOST = "127.0.0.1"
 CPU = torch.device("cpu")

@@ -102,8 +102,8 @@ def server(ray_cluster, tiny_dirs, ondemand_checkpoint):
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from deploy.app import APP_NAME, GRPC_SERVICERS, build_app
-    from deploy.config import parse_config
+    from moe_serve.deploy.app import APP_NAME, GRPC_SERVICERS, build_app
+    from moe_serve.deploy.config import parse_config
 
     http_port, grpc_port = free_port(), free_port()
     config = parse_config(app_config(tiny_dirs, http_port, grpc_port, ondemand_checkpoint))

@@ -20,7 +20,7 @@ class RunProcess:
     """A started `moe-serve run` whose merged stdout/stderr lines are queued as they come."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        command = [sys.executable, "-m", "deploy.cli", "run", *args]
+        command = [sys.executable, "-m", "moe_serve.deploy.cli", "run", *args]
         self.proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from deploy.cli import main
+from moe_serve.deploy.cli import main
 
 
 def test_engine_bench_reports_a_ratio_against_transformers(tiny_dirs, tmp_path, capsys):

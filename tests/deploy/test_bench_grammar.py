@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from deploy.cli import main
+from moe_serve.deploy.cli import main
 
 
 def test_grammar_bench_reports_constrained_and_free_step_times(tiny_dirs, tmp_path, capsys):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from deploy.cli import main
+from moe_serve.deploy.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from deploy.bench.report import KEPT, ONE_THREAD, write_markdown
-from deploy.bench.report_markdown import render
+from moe_serve.deploy.bench.report import KEPT, ONE_THREAD, write_markdown
+from moe_serve.deploy.bench.report_markdown import render
 
 
 def _engine_run(speedup: float) -> dict:

@@ -9,15 +9,15 @@ import socket
 
 import pytest
 
-from deploy.cli import ray_address
-from deploy.config import (
+from moe_serve.deploy.cli import ray_address
+from moe_serve.deploy.config import (
     API_KEY_ENV,
     ConfigFileError,
     api_key_from_environment,
     load_config,
     parse_config,
 )
-from deploy.validate import ModelCheckError, check_address, check_models
+from moe_serve.deploy.validate import ModelCheckError, check_address, check_models
 
 MINIMAL = """
 models:
@@ -112,7 +112,7 @@ def test_replica_config_mapping():
 def test_the_application_never_carries_the_api_key(tiny_dirs, monkeypatch):
     from ray import cloudpickle
 
-    from deploy.app import build_app
+    from moe_serve.deploy.app import build_app
 
     models = [{"name": "m", "source": str(tiny_dirs["olmoe"])}]
     with pytest.raises(ConfigFileError, match=r"api_key: refused.*\$MOE_SERVE_API_KEY"):
@@ -168,7 +168,7 @@ def test_gpu_needs_are_checked_only_against_a_local_machine(tiny_dirs):
 
 
 def test_the_application_builder_refuses_models_that_fail_the_checks(tiny_dirs, tmp_path):
-    from deploy.app import build_app
+    from moe_serve.deploy.app import build_app
 
     models = [
         {"name": "wide", "source": str(tiny_dirs["olmoe"]), "expert_parallel_size": 9},
@@ -205,7 +205,7 @@ def test_a_cluster_address_must_answer():
 
 
 def test_a_config_file_api_key_cannot_go_to_a_joined_cluster(tiny_dirs, tmp_path, capsys):
-    from deploy.cli import main
+    from moe_serve.deploy.cli import main
 
     models = [{"name": "m", "source": str(tiny_dirs["olmoe"])}]
     path = tmp_path / "serve.yaml"

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.app import APP_NAME
+from moe_serve.deploy.app import APP_NAME
 
 pytestmark = pytest.mark.slow
 MODEL, DEPLOYMENT = "ondemand", "model-ondemand"

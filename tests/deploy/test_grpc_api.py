@@ -6,8 +6,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import moe_serving_pb2 as pb
-from protos import moe_serving_pb2_grpc as pb_grpc
+from moe_serve.protos import moe_serving_pb2 as pb
+from moe_serve.protos import moe_serving_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import moe_serving_pb2 as pb
-from protos import moe_serving_pb2_grpc as pb_grpc
+from moe_serve.protos import moe_serving_pb2 as pb
+from moe_serve.protos import moe_serving_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +122,7 @@ def test_the_api_key_is_nowhere_in_what_serve_and_ray_show(server):
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from deploy.app import APP_NAME
+    from moe_serve.deploy.app import APP_NAME
 
     client = _get_global_client()
     # NOTE: what `serve status`, Serve's REST API and the dashboard show, and Ray's actor table

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deploy.protogen import ROOT, generate
+from moe_serve.deploy.protogen import ROOT, generate
 
 
 def test_generated_modules_match_the_proto(tmp_path):
@@ -15,5 +15,5 @@ def test_generated_modules_match_the_proto(tmp_path):
     for path in fresh:
         committed = ROOT / "protos" / path.name
         assert committed.read_bytes() == path.read_bytes(), (
-            f"{committed} is stale: run `python -m deploy.protogen`"
+            f"{committed} is stale: run `python -m moe_serve.deploy.protogen`"
         )

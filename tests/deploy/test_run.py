@@ -22,9 +22,9 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file, save_file
 
-from deploy.model_replica import STATS_PERIOD_S
-from protos import moe_serving_pb2 as pb
-from protos import moe_serving_pb2_grpc as pb_grpc
+from moe_serve.deploy.model_replica import STATS_PERIOD_S
+from moe_serve.protos import moe_serving_pb2 as pb
+from moe_serve.protos import moe_serving_pb2_grpc as pb_grpc
 from tests.deploy.conftest import free_port
 from tests.deploy.process import RunProcess, private_env
 
@@ -161,7 +161,7 @@ def test_bad_models_fail_before_ray_starts_one_line_each(tiny_dirs, tmp_path):
     config.write_text(yaml.safe_dump({"models": models}))
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deploy.cli", "run", "--config", str(config)],
+        [sys.executable, "-m", "moe_serve.deploy.cli", "run", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -10,8 +10,8 @@ import grpc
 import httpx
 import pytest
 
-from protos import moe_serving_pb2 as pb
-from protos import moe_serving_pb2_grpc as pb_grpc
+from moe_serve.protos import moe_serving_pb2 as pb
+from moe_serve.protos import moe_serving_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 

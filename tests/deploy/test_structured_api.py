@@ -12,8 +12,8 @@ import jsonschema
 import pytest
 from openai import OpenAI
 
-from protos import moe_serving_pb2 as pb
-from protos import moe_serving_pb2_grpc as pb_grpc
+from moe_serve.protos import moe_serving_pb2 as pb
+from moe_serve.protos import moe_serving_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 N = 8  # NOTE: completion i of a request uses seed + i: N seeds per request

@@ -8,10 +8,10 @@ import random
 import jsonschema
 import pytest
 
-from cluster.params import RequestError
-from deploy.protocol import NamedToolChoice, ResponseFormat, Tool
-from deploy.structured import chat_grammar, plan_tools
-from deploy.tool_calls import ArrayScanner, ToolCallReader, merge_calls, parse_granite
+from moe_serve.cluster.params import RequestError
+from moe_serve.deploy.protocol import NamedToolChoice, ResponseFormat, Tool
+from moe_serve.deploy.structured import chat_grammar, plan_tools
+from moe_serve.deploy.tool_calls import ArrayScanner, ToolCallReader, merge_calls, parse_granite
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [

@@ -4,8 +4,10 @@ A fresh `git clone` holds only what git tracks: a test that reads data from outs
 repository (a sibling directory, say) passes here and fails there. So this copies the files a
 commit of the working tree would hold (tracked plus untracked, not ignored, as `git add -A` sees
 them) into a temporary directory with no siblings, and runs tests/helm there with this interpreter,
-importing the copy's packages and tests rather than this checkout's (editable) ones. The helm
-binary is linked from this checkout's .tools/, so the copy does not fetch it again.
+importing the copy's packages and tests rather than this checkout's (editable) ones: the copy's
+folders are linked as `moe_serve.*` from a directory put first on its PYTHONPATH, as an install
+would name them. The helm binary is linked from this checkout's .tools/, so the copy does not
+fetch it again.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from tests.helm.helm_tool import HELM, REPO
 
 THIS = Path(__file__).resolve().relative_to(REPO).as_posix()
 COPY_NAME = "moe-serve"
+NAMESPACE = ".namespace"  # in the copy: moe_serve/{cluster,deploy,models,protos} -> the copy's
+PACKAGES = ("cluster", "deploy", "models", "protos")
 # NOTE: imported in the copy; each file must lie inside it, not in this checkout.
 PROBE = """
-import json, deploy, tests.helm.crd as crd, tests.helm.helm_tool as tool
+import json, moe_serve.deploy as deploy, tests.helm.crd as crd, tests.helm.helm_tool as tool
 print(json.dumps([deploy.__file__, crd.__file__, str(crd.CRD_DIR), str(tool.REPO)]))
 """
 
@@ -51,10 +55,14 @@ def copy_checkout(dest: Path, helm: Path) -> None:
     cached = dest / HELM.relative_to(REPO)
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.symlink_to(helm)
+    namespace = dest / NAMESPACE / "moe_serve"
+    namespace.mkdir(parents=True)
+    for package in PACKAGES:
+        (namespace / package).symlink_to(dest / package, target_is_directory=True)
 
 
 def run_in(copy: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{copy / NAMESPACE}:{copy}", "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("PYTEST_ADDOPTS", None)
     return subprocess.run(
         [sys.executable, *args], cwd=copy, env=env, capture_output=True, text=True, timeout=420

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from deploy.config import API_KEY_ENV
+from moe_serve.deploy.config import API_KEY_ENV
 from tests.helm.helm_tool import render
 from tests.helm.manifests import cluster_spec, env_of, pod_specs, ray_containers, serve_config, the
 

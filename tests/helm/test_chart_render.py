@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from deploy.config import API_KEY_ENV, parse_config
-from deploy.limits import LimitsConfig
+from moe_serve.deploy.config import API_KEY_ENV, parse_config
+from moe_serve.deploy.limits import LimitsConfig
 from tests.helm.conftest import VALUE_SETS
 from tests.helm.crd import as_ray_cluster, crd_errors
 from tests.helm.helm_tool import CHART, render, run_helm
@@ -15,7 +15,7 @@ from tests.helm.manifests import env_of, ports_of, ray_containers, serve_config,
 pytestmark = pytest.mark.usefixtures("helm")
 
 SERVICERS = [
-    "protos.moe_serving_pb2_grpc.add_MoEServingServicer_to_server",
+    "moe_serve.protos.moe_serving_pb2_grpc.add_MoEServingServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
@@ -47,7 +47,7 @@ def test_serve_config_is_one_app_with_valid_args(manifests):
     (app,) = config["applications"]
     assert app["name"] == "moe-serve"
     assert app["route_prefix"] == "/"
-    assert app["import_path"] == "deploy.app:build_app"
+    assert app["import_path"] == "moe_serve.deploy.app:build_app"
     parsed = parse_config(app["args"], "serveConfigV2 args")
     assert parsed.api_key is None, f"the key comes from {API_KEY_ENV}, never from args"
     assert [m.name for m in parsed.models]

@@ -49,7 +49,8 @@ def test_build_context_keeps_what_pip_needs():
         if line.strip() and not line.startswith("#")
     }
     project = _pyproject()
-    packages = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    package_dirs = project["tool"]["setuptools"]["package-dir"].values()
+    packages = {directory.split("/")[0] for directory in package_dirs}
     needed = {"pyproject.toml", "constraints.txt", project["project"]["readme"], *packages}
     assert not needed & ignored
     assert {".git", ".venv", ".tools"} <= ignored

@@ -8,8 +8,8 @@ import json
 import pytest
 import yaml
 
-from deploy.config import AutoscalingConfig, MetricsConfig, ModelConfig, ResourcesConfig
-from deploy.limits import LimitsConfig
+from moe_serve.deploy.config import AutoscalingConfig, MetricsConfig, ModelConfig, ResourcesConfig
+from moe_serve.deploy.limits import LimitsConfig
 from tests.helm.helm_tool import CHART, render_error
 
 MODEL = {"name": "m", "source": "allenai/OLMoE-1B-7B-0924", "device": "cuda"}

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from models.config import ConfigError, RopeConfig
-from models.granitemoe import GraniteMoeForCausalLM
-from models.jetmoe import JetMoeForCausalLM
-from models.olmoe import OlmoeForCausalLM
-from models.registry import load_config, model_class
+from moe_serve.models.config import ConfigError, RopeConfig
+from moe_serve.models.granitemoe import GraniteMoeForCausalLM
+from moe_serve.models.jetmoe import JetMoeForCausalLM
+from moe_serve.models.olmoe import OlmoeForCausalLM
+from moe_serve.models.registry import load_config, model_class
 from tests.helpers import write_hf_checkpoint
 
 SMALL = {
@@ -191,7 +191,7 @@ def test_jetmoe_keys_that_change_inference_are_checked(overrides, message):
 
 
 def test_every_supported_activation_is_implemented():
-    from models.config import SUPPORTED_ACTIVATIONS
-    from models.layers import ACTIVATIONS
+    from moe_serve.models.config import SUPPORTED_ACTIVATIONS
+    from moe_serve.models.layers import ACTIVATIONS
 
     assert set(SUPPORTED_ACTIVATIONS) == set(ACTIVATIONS)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from models.registry import load_config, load_model
+from moe_serve.models.registry import load_config, load_model
 from tests.helpers import PagedRunner
 from tests.hub_checkpoints import HUB_CONFIGS, NAMES
 

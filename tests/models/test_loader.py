@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import models.loader as loader
-from models.loader import WeightLoadError
-from models.registry import load_model
+import moe_serve.models.loader as loader
+from moe_serve.models.loader import WeightLoadError
+from moe_serve.models.registry import load_model
 from tests.helpers import PagedRunner, write_hf_checkpoint
 
 PROMPT = [3, 14, 15, 92, 65, 35]

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.config import ModelConfig
-from models.moe import LocalExperts, Router
+from moe_serve.models.config import ModelConfig
+from moe_serve.models.moe import LocalExperts, Router
 
 T, E, K, H, INTER = 11, 6, 2, 16, 8
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.registry import load_model
+from moe_serve.models.registry import load_model
 from tests.helpers import PagedRunner, hf_logits, write_hf_checkpoint
 
 TOL = 1e-4

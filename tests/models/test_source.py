@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from models.registry import load_model
-from models.source import SourceError, resolve_source
-from models.tiny import write_tiny
+from moe_serve.models.registry import load_model
+from moe_serve.models.source import SourceError, resolve_source
+from moe_serve.models.tiny import write_tiny
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 

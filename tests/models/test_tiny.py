@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deploy.cli import main
-from models.registry import load_model
-from models.tiny import ARCHS
-from models.tokenizer import ChatTemplateError, TextTokenizer
+from moe_serve.deploy.cli import main
+from moe_serve.models.registry import load_model
+from moe_serve.models.tiny import ARCHS
+from moe_serve.models.tokenizer import ChatTemplateError, TextTokenizer
 from tests.helpers import PagedRunner, hf_logits
 
 TEXT = "Hello, world! Café 東京 🙂 naïve"

@@ -14,10 +14,10 @@ Ray dashboard): the gateway reads MOE_SERVE_API_KEY from its pod's environment (
 {{- $app := dict
   "name" "moe-serve"
   "route_prefix" "/"
-  "import_path" "deploy.app:build_app"
+  "import_path" "moe_serve.deploy.app:build_app"
   "args" $args -}}
 {{- $servicers := list
-  "protos.moe_serving_pb2_grpc.add_MoEServingServicer_to_server"
+  "moe_serve.protos.moe_serving_pb2_grpc.add_MoEServingServicer_to_server"
   "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server" -}}
 {{- $config := dict
   "proxy_location" "EveryNode"
