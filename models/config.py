@@ -173,3 +173,60 @@ def require_absent_or(hf: dict[str, Any], key: str, allowed: tuple[Any, ...]) ->
     """Fail if `key` is set to a value this code does not implement."""
     if key in hf and hf[key] not in allowed:
         raise ConfigError(f"config field {key}={hf[key]!r} is not supported (supported: {allowed})")
+
+
+# ModelConfig field -> the config.json key it is read from, unless the architecture's HfSchema
+# names its own keys for it.
+HF_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "intermediate_size": "intermediate_size",
+    "num_experts": "num_local_experts",
+    "num_experts_per_tok": "num_experts_per_tok",
+    "max_position_embeddings": "max_position_embeddings",
+    "hidden_act": "hidden_act",
+    "rms_norm_eps": "rms_norm_eps",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "attention_bias": "attention_bias",
+    "bos_token_id": "bos_token_id",
+    "pad_token_id": "pad_token_id",
+}
+
+
+@dataclass(frozen=True)
+class HfSchema:
+    """How one architecture's config.json reads: the defaults of its transformers config class
+    (per ModelConfig field, plus `eos_token_id`), and the keys it reads where they are not
+    HF_KEYS': its transformers name first, then the legacy names it also accepts."""
+
+    defaults: dict[str, Any]
+    keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def read_common(
+    hf: dict[str, Any], generation: dict[str, Any] | None, schema: HfSchema
+) -> dict[str, Any]:
+    """The ModelConfig fields every architecture reads the same way; each architecture's
+    `config_from_hf` overrides what differs."""
+    values = {
+        name: read_key(hf, schema.keys.get(name, (key,)), schema.defaults.get(name))
+        for name, key in HF_KEYS.items()
+    }
+    if "bos_token_id" in hf:  # NOTE: an explicit null means no such token, not the default
+        values["bos_token_id"] = hf["bos_token_id"]
+    if "pad_token_id" in hf:
+        values["pad_token_id"] = hf["pad_token_id"]
+    num_heads = values["num_heads"]
+    eos_default = {"eos_token_id": schema.defaults.get("eos_token_id")}
+    return values | {
+        "num_kv_heads": hf.get("num_key_value_heads") or num_heads,
+        "head_dim": hf.get("head_dim") or values["hidden_size"] // num_heads,
+        "rope": read_rope(hf, values["max_position_embeddings"]),
+        "layer_norm_eps": values["rms_norm_eps"],
+        "tie_word_embeddings": bool(values["tie_word_embeddings"]),
+        "attention_bias": bool(values["attention_bias"]),
+        "eos_token_ids": read_eos(eos_default | hf, generation),
+        "dtype": read_dtype(hf),
+    }

@@ -8,11 +8,28 @@ from typing import Any
 from torch import nn
 
 from moe_serve.models.base import Attention, MoeForCausalLM
-from moe_serve.models.config import ModelConfig, read_dtype, read_eos, read_rope, require_absent_or
+from moe_serve.models.config import HfSchema, ModelConfig, read_common, require_absent_or
 from moe_serve.models.weights import ExpertTensor, WeightNameMap
 
 _MOE = r"model\.layers\.(?P<layer>\d+)\.block_sparse_moe\."
 _TARGET = "model.layers.{layer}.mlp.experts."
+# transformers' GraniteMoeConfig defaults
+_SCHEMA = HfSchema(
+    defaults={
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "num_layers": 32,
+        "num_heads": 32,
+        "intermediate_size": 11008,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 2048,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+)
 
 
 class GraniteMoeForCausalLM(MoeForCausalLM):
@@ -29,36 +46,14 @@ class GraniteMoeForCausalLM(MoeForCausalLM):
     @staticmethod
     def config_from_hf(hf: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
         require_absent_or(hf, "sliding_window", (None,))
-        num_heads = hf.get("num_attention_heads", 32)
-        hidden = hf.get("hidden_size", 4096)
-        max_pos = hf.get("max_position_embeddings", 2048)
         return ModelConfig(
+            **read_common(hf, generation, _SCHEMA),
             architecture=GraniteMoeForCausalLM.architecture,
-            vocab_size=hf.get("vocab_size", 32000),
-            hidden_size=hidden,
-            num_layers=hf.get("num_hidden_layers", 32),
-            num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hidden // num_heads,
-            intermediate_size=hf.get("intermediate_size", 11008),
-            num_experts=hf.get("num_local_experts", 8),
-            num_experts_per_tok=hf.get("num_experts_per_tok", 2),
-            max_position_embeddings=max_pos,
-            rope=read_rope(hf, max_pos),
-            hidden_act=hf.get("hidden_act", "silu"),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            layer_norm_eps=hf.get("rms_norm_eps", 1e-6),
             router_rule="topk_softmax",
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", False)),
             attention_scale=float(hf.get("attention_multiplier", 1.0)),
             embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
             residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
             logits_scaling=float(hf.get("logits_scaling", 1.0)),
-            bos_token_id=hf.get("bos_token_id", 1),
-            eos_token_ids=read_eos({"eos_token_id": 2} | hf, generation),
-            pad_token_id=hf.get("pad_token_id"),
-            dtype=read_dtype(hf),
         )
 
     def create_attention(self, config: ModelConfig) -> nn.Module:

@@ -18,11 +18,9 @@ from moe_serve.models.attention import AttentionMetadata, LayerKVCache, paged_at
 from moe_serve.models.base import MoeForCausalLM, Rope
 from moe_serve.models.config import (
     ConfigError,
+    HfSchema,
     ModelConfig,
-    read_dtype,
-    read_eos,
-    read_key,
-    read_rope,
+    read_common,
     require_absent_or,
 )
 from moe_serve.models.layers import Linear, apply_rotary
@@ -33,6 +31,33 @@ _MLP = r"model\.layers\.(?P<layer>\d+)\.mlp\."
 _TARGET = "model.layers.{layer}.mlp.experts."
 # NOTE: transformers builds JetMoE's decoder-layer norms with their default eps.
 _LAYER_NORM_EPS = 1e-6
+# transformers' JetMoeConfig defaults, and jetmoe-8b's own (pre-port) key names
+_SCHEMA = HfSchema(
+    defaults={
+        "vocab_size": 32000,
+        "hidden_size": 2048,
+        "num_layers": 12,
+        "num_heads": 32,
+        "intermediate_size": 5632,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 4096,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    keys={
+        "num_layers": ("num_hidden_layers", "num_layers"),
+        "intermediate_size": ("intermediate_size", "ffn_hidden_size"),
+        "num_experts": ("num_local_experts", "moe_num_experts"),
+        "num_experts_per_tok": ("num_experts_per_tok", "moe_top_k"),
+        "max_position_embeddings": ("max_position_embeddings", "n_positions"),
+        "hidden_act": ("activation_function", "hidden_act"),
+        "rms_norm_eps": ("rms_norm_eps", "layer_norm_epsilon"),
+    },
+)
 
 
 class StackedLinear(nn.Module):
@@ -102,10 +127,9 @@ class JetMoeForCausalLM(MoeForCausalLM):
         # NOTE: jetmoe/jetmoe-8b predates its transformers port and keeps its own key names.
         require_absent_or(hf, "glu", (True,))
         require_absent_or(hf, "rotary_percent", (1.0,))
+        common = read_common(hf, generation, _SCHEMA)
         num_kv_heads = hf.get("num_key_value_heads", 16)
-        top_k = read_key(hf, ("num_experts_per_tok", "moe_top_k"), 2)
-        num_experts = read_key(hf, ("num_local_experts", "moe_num_experts"), 8)
-        max_pos = read_key(hf, ("max_position_embeddings", "n_positions"), 4096)
+        top_k = common["num_experts_per_tok"]
         if hf.get("num_attention_heads", num_kv_heads * top_k) != num_kv_heads * top_k:
             raise ConfigError(
                 f"num_attention_heads ({hf['num_attention_heads']}) must be num_key_value_heads x "
@@ -113,29 +137,17 @@ class JetMoeForCausalLM(MoeForCausalLM):
                 "that many query heads"
             )
         return ModelConfig(
+            **common
+            | {
+                "num_heads": num_kv_heads * top_k,
+                "num_kv_heads": num_kv_heads,
+                "head_dim": hf.get("kv_channels", 128),
+                "layer_norm_eps": _LAYER_NORM_EPS,
+            },
             architecture=JetMoeForCausalLM.architecture,
-            vocab_size=hf.get("vocab_size", 32000),
-            hidden_size=hf.get("hidden_size", 2048),
-            num_layers=read_key(hf, ("num_hidden_layers", "num_layers"), 12),
-            num_heads=num_kv_heads * top_k,
-            num_kv_heads=num_kv_heads,
-            head_dim=hf.get("kv_channels", 128),
-            intermediate_size=read_key(hf, ("intermediate_size", "ffn_hidden_size"), 5632),
-            num_experts=num_experts,
-            num_experts_per_tok=top_k,
-            max_position_embeddings=max_pos,
-            rope=read_rope(hf, max_pos),
-            hidden_act=read_key(hf, ("activation_function", "hidden_act"), "silu"),
-            rms_norm_eps=read_key(hf, ("rms_norm_eps", "layer_norm_epsilon"), 1e-6),
-            layer_norm_eps=_LAYER_NORM_EPS,
             router_rule="topk_softmax",
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
             is_moe_bias=True,
-            num_attention_experts=num_experts,
-            bos_token_id=hf.get("bos_token_id", 1),
-            eos_token_ids=read_eos({"eos_token_id": 2} | hf, generation),
-            pad_token_id=hf.get("pad_token_id"),
-            dtype=read_dtype(hf),
+            num_attention_experts=common["num_experts"],
         )
 
     def create_attention(self, config: ModelConfig) -> nn.Module:
