@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence as Outputs
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from moe_serve.cluster.detokenizer import TextStream
@@ -38,6 +39,32 @@ class RequestOutput:
     # Prompt tokens served from the prefix cache (OpenAI's prompt_tokens_details.cached_tokens):
     # the first sample's figure at its first admission (0 before it is admitted).
     num_cached_tokens: int = 0
+
+
+def merge_outputs(outputs: Outputs[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one: each completion's deltas joined in order,
+    the rest as of the last (what a reader that fell behind, or one that only wants the end,
+    receives in a single message)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    runs: dict[int, list[CompletionDelta]] = {}
+    for output in outputs:
+        for delta in output.deltas:
+            runs.setdefault(delta.index, []).append(delta)
+    deltas = tuple(
+        CompletionDelta(
+            index,
+            "".join(d.text for d in run),
+            tuple(t for d in run for t in d.token_ids),
+            tuple(lp for d in run for lp in d.logprobs),
+            run[-1].finish_reason,
+        )
+        for index, run in sorted(runs.items())
+    )
+    prompt_logprobs = next(
+        (o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None
+    )
+    return replace(outputs[-1], deltas=deltas, prompt_logprobs=prompt_logprobs)
 
 
 @dataclass

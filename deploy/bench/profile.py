@@ -1,0 +1,205 @@
+"""`moe-serve bench profile`: where the served path spends its CPU. Serves the bench checkpoint
+on a private Ray instance, drives the benchmark load over HTTP, and meanwhile records every
+process of the session with py-spy (Python frames, 100 Hz, without pausing them) and reads each
+one's CPU time from /proc: CPU ms per generated token per process, and within each process the
+share of samples by where the innermost frame runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from moe_serve.deploy.bench.online import Target, run_load, summarize
+from moe_serve.deploy.bench.workload import Workload
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+NATIVE = {"raylet": "raylet", "gcs_server": "gcs_server"}  # NOTE: C++: CPU time only
+TOP = 12
+# NOTE: py-spy counts a thread blocked in these as running: they are left out of the shares
+WAITS = ("Condition.wait ", "Event.wait ", "select (", "poll (", "Thread.join ", "sleep (")
+# NOTE: a sample counts for the concern of the innermost frame that names one (in this order
+# of precedence at a frame); frames in none (the stdlib, say) pass it on to their callers.
+CONCERNS = {
+    "tokenization": ("/models/tokenizer.py", "/tokenizers/"),
+    "detokenization": ("/cluster/detokenizer.py",),
+    "model forward": ("/models/", "/torch/"),
+    "sampling": ("/cluster/sampler.py",),
+    "grammar": ("/cluster/grammar.py", "/llguidance/"),
+    "engine bookkeeping": ("/cluster/",),
+    "pydantic": ("/pydantic/", "/pydantic_core/"),
+    "JSON / SSE bodies": ("/deploy/openai_format.py", "/json/"),
+    "metrics": ("/deploy/metrics.py", "/prometheus_client/", "/opentelemetry/"),
+    "gateway / replica code": ("/deploy/",),
+    "HTTP stack": ("/starlette/", "/uvicorn/", "/fastapi/", "/httptools", "/h11/", "/anyio/"),
+    "Ray calls, streams, serialization": ("/ray/", "/cloudpickle/", "/msgpack/", "/grpc/"),
+    "asyncio": ("/asyncio/",),
+    # NOTE: a thread whose innermost Python frame is its run loop runs native code: Ray's
+    # Cython core worker and gRPC threads (py-spy shows no frames below them)
+    "native code on threads (Ray core, gRPC)": ("Thread.run (", "_WorkItem.run (", "_worker ("),
+}
+
+
+def concern(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for name, markers in CONCERNS.items():
+            if any(marker in frame for marker in markers):
+                return name
+    return "other"
+
+
+def session_processes() -> dict[int, str]:
+    """pid -> role of this machine's Ray processes: workers by their title (`ray::Role...`),
+    the raylet and the GCS by their executable."""
+    roles = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        title = argv[0].decode(errors="replace")
+        if title.startswith("ray::"):
+            roles[int(entry.name)] = title.removeprefix("ray::").split(".")[0].split(" ")[0]
+        elif Path(title).name in NATIVE:
+            roles[int(entry.name)] = NATIVE[Path(title).name]
+    return roles
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # NOTE: utime, stime
+
+
+def _start_recorders(py_spy: str, roles: dict[int, str], out: Path) -> dict[int, subprocess.Popen]:
+    recorders = {}
+    for pid, role in roles.items():
+        if role in NATIVE.values():
+            continue
+        command = [py_spy, "record", "--format", "raw", "--rate", "100", "--nonblocking"]
+        command += ["--full-filenames", "--pid", str(pid), "--output", str(out / f"{pid}.txt")]
+        recorders[pid] = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    return recorders
+
+
+def _stop(recorders: dict[int, subprocess.Popen]) -> None:
+    for proc in recorders.values():
+        proc.send_signal(signal.SIGINT)  # NOTE: py-spy writes its file on SIGINT
+    for proc in recorders.values():
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def where(frame: str) -> str:
+    """A py-spy frame `function (path:line)` -> our file, or the third-party package."""
+    path = frame.rsplit("(", 1)[-1].split(":")[0]
+    for folder in ("models", "cluster", "deploy"):
+        marker = f"/{folder}/"
+        if marker in path and "site-packages" not in path:
+            return f"{folder}/{path.split(marker, 1)[1]}"
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1].split("/")[0]
+    return f"stdlib:{Path(path).stem}" if path.endswith(".py") else path
+
+
+def read_samples(raw: Path) -> tuple[Counter, Counter, int]:
+    """From a py-spy raw file (`a;b;c count` lines), leaving out threads that wait: samples by
+    where the innermost frame runs, by concern (CONCERNS), and the samples kept."""
+    spots: Counter = Counter()
+    concerns: Counter = Counter()
+    kept = 0
+    lines = raw.read_text().splitlines() if raw.exists() else []
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not stack or frames[-1].startswith(WAITS):
+            continue
+        kept += int(count)
+        spots[where(frames[-1])] += int(count)
+        concerns[concern(frames)] += int(count)
+    return spots, concerns, kept
+
+
+def profile(url: str, model: str, workload: Workload, vocab_limit: int, out: Path) -> dict:
+    """Profile every Ray process of this machine while `workload` runs against `url`."""
+    out.mkdir(parents=True, exist_ok=True)
+    py_spy = str(Path(sys.executable).parent / "py-spy")
+    roles = session_processes()
+    before = {pid: cpu_seconds(pid) for pid in roles}
+    client_before = resource.getrusage(resource.RUSAGE_SELF)
+    recorders = _start_recorders(py_spy, roles, out)
+    time.sleep(1.0)  # NOTE: py-spy attaches asynchronously; the load must not start first
+    try:
+        items = workload.items(vocab_limit)
+        seconds, results = asyncio.run(run_load(Target(model, url), workload, items))
+    finally:
+        _stop(recorders)
+    client = resource.getrusage(resource.RUSAGE_SELF)
+    summary = summarize(seconds, results)
+    tokens = max(1, summary["output_tokens"])
+    processes = []
+    for pid, role in roles.items():
+        used = cpu_seconds(pid) - before[pid]
+        spots, concerns, kept = read_samples(out / f"{pid}.txt")
+        processes.append(
+            {
+                "pid": pid,
+                "role": role,
+                "cpu_s": used,
+                "cpu_ms_per_token": 1000 * used / tokens,
+                "self_time": {k: v / max(1, kept) for k, v in spots.most_common(TOP)},
+                "concerns": {k: v / max(1, kept) for k, v in concerns.most_common()},
+            }
+        )
+    client_s = client.ru_utime + client.ru_stime - client_before.ru_utime - client_before.ru_stime
+    processes.append(
+        {
+            "pid": os.getpid(),
+            "role": "load generator (this process)",
+            "cpu_s": client_s,
+            "cpu_ms_per_token": 1000 * client_s / tokens,
+            "self_time": {},
+            "concerns": {},
+        }
+    )
+    processes.sort(key=lambda p: -p["cpu_s"])
+    report = {"load": summary, "processes": processes}
+    (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def render(report: dict) -> str:
+    """Markdown: CPU per process and per generated token, then each busy process's top spots."""
+    load = report["load"]
+    lines = [
+        f"{load['output_tokens']} tokens in {load['seconds']:.1f} s "
+        f"({load['output_tokens_per_s']:.0f} tok/s), {load['errors']} errors",
+        "",
+        "| process | CPU s | CPU ms / token | busy samples by concern | innermost frames |",
+        "| --- | ---: | ---: | --- | --- |",
+    ]
+    for p in report["processes"]:
+        if p["cpu_s"] < 0.05:
+            continue
+        concerns = ", ".join(f"{k} {v:.0%}" for k, v in p["concerns"].items() if v >= 0.02)
+        spots = ", ".join(f"{k} {v:.0%}" for k, v in list(p["self_time"].items())[:4])
+        lines.append(
+            f"| {p['role']} | {p['cpu_s']:.1f} | {p['cpu_ms_per_token']:.2f} | {concerns} "
+            f"| {spots} |"
+        )
+    return "\n".join(lines) + "\n"
