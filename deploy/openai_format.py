@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from moe_serve.cluster.sampler import TokenLogprobs
-from moe_serve.deploy.frontend import ChoiceState, PromptRun
+from moe_serve.deploy.gateway_core import ChoiceState, PromptRun
 from moe_serve.deploy.structured import ToolPlan
 from moe_serve.deploy.tool_calls import ToolCallReader, merge_calls
 from moe_serve.models.tokenizer import TextTokenizer

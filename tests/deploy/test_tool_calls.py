@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from moe_serve.cluster.params import RequestError
-from moe_serve.deploy.protocol import NamedToolChoice, ResponseFormat, Tool
+from moe_serve.deploy.openai_protocol import NamedToolChoice, ResponseFormat, Tool
 from moe_serve.deploy.structured import chat_grammar, plan_tools
 from moe_serve.deploy.tool_calls import ArrayScanner, ToolCallReader, merge_calls, parse_granite
 

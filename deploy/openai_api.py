@@ -12,7 +12,7 @@ from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import RequestError, SamplingParams
 from moe_serve.deploy.access_log import AccessRecord
 from moe_serve.deploy.errors import as_api_error
-from moe_serve.deploy.frontend import Frontend, ModelEndpoint, PromptRun, now, request_id
+from moe_serve.deploy.gateway_core import GatewayCore, ModelEndpoint, PromptRun, now, request_id
 from moe_serve.deploy.metrics import RequestTracker
 from moe_serve.deploy.openai_format import (
     SSE_DONE,
@@ -23,32 +23,32 @@ from moe_serve.deploy.openai_format import (
     sse,
     usage,
 )
-from moe_serve.deploy.protocol import ChatCompletionRequest, CompletionRequest
+from moe_serve.deploy.openai_protocol import ChatCompletionRequest, CompletionRequest
 from moe_serve.deploy.structured import ToolPlan, chat_grammar, plan_tools, response_grammar
 from moe_serve.deploy.tool_calls import ToolCallReader, delta_body
 
 
-async def _prepare_completion(frontend: Frontend, body: CompletionRequest):
+async def _prepare_completion(core: GatewayCore, body: CompletionRequest):
     if body.tools is not None or body.tool_choice is not None:
         raise RequestError("tools and tool_choice apply to /v1/chat/completions, not completions")
-    endpoint = frontend.endpoint(body.model)
+    endpoint = core.endpoint(body.model)
     grammar = response_grammar(body.response_format)
     params = dataclasses.replace(body.to_params(), structured=grammar)
-    prompts = [frontend.prompt_ids(endpoint, p) for p in body.prompts()]
-    frontend.check(endpoint, prompts, params)
-    await frontend.check_grammars(endpoint, (("response_format", grammar),) if grammar else ())
+    prompts = [core.prompt_ids(endpoint, p) for p in body.prompts()]
+    core.check(endpoint, prompts, params)
+    await core.check_grammars(endpoint, (("response_format", grammar),) if grammar else ())
     return endpoint, params, prompts
 
 
-async def completions(frontend: Frontend, body: CompletionRequest, access: AccessRecord):
-    endpoint, params, prompts = await _prepare_completion(frontend, body)
+async def completions(core: GatewayCore, body: CompletionRequest, access: AccessRecord):
+    endpoint, params, prompts = await _prepare_completion(core, body)
     rid, created = request_id("cmpl"), now()
     if body.stream:
-        tracker = frontend.metrics.track(body.model, prompts, access)
-        outputs = await frontend.started(endpoint, prompts, params)
+        tracker = core.metrics.track(body.model, prompts, access)
+        outputs = await core.started(endpoint, prompts, params)
         chunks = _completion_chunks(outputs, tracker, endpoint, body, params, prompts, rid, created)
         return StreamingResponse(chunks, media_type="text/event-stream")
-    runs, choices = await frontend.collect(endpoint, prompts, params, access)
+    runs, choices = await core.collect(endpoint, prompts, params, access)
     return JSONResponse(
         completion_body(
             rid,
@@ -134,8 +134,8 @@ async def _completion_chunks(
     yield SSE_DONE
 
 
-async def _prepare_chat(frontend: Frontend, body: ChatCompletionRequest):
-    endpoint = frontend.endpoint(body.model)
+async def _prepare_chat(core: GatewayCore, body: ChatCompletionRequest):
+    endpoint = core.endpoint(body.model)
     plan = plan_tools(
         body.tools, body.tool_choice, body.parallel_tool_calls, endpoint.info.architecture
     )
@@ -144,20 +144,20 @@ async def _prepare_chat(frontend: Frontend, body: ChatCompletionRequest):
     messages = [m.as_template_input() for m in body.messages]
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     prompt = endpoint.tokenizer.encode_chat(messages, body.add_generation_prompt, tools)
-    frontend.check(endpoint, [prompt], params)
-    await frontend.check_grammars(endpoint, checks)
+    core.check(endpoint, [prompt], params)
+    await core.check_grammars(endpoint, checks)
     return endpoint, params, prompt, plan
 
 
-async def chat_completions(frontend: Frontend, body: ChatCompletionRequest, access: AccessRecord):
-    endpoint, params, prompt, plan = await _prepare_chat(frontend, body)
+async def chat_completions(core: GatewayCore, body: ChatCompletionRequest, access: AccessRecord):
+    endpoint, params, prompt, plan = await _prepare_chat(core, body)
     rid, created = request_id("chatcmpl"), now()
     if body.stream:
-        tracker = frontend.metrics.track(body.model, [prompt], access)
-        outputs = await frontend.started(endpoint, [prompt], params)
+        tracker = core.metrics.track(body.model, [prompt], access)
+        outputs = await core.started(endpoint, [prompt], params)
         chunks = _chat_chunks(outputs, tracker, endpoint, body, plan, prompt, rid, created)
         return StreamingResponse(chunks, media_type="text/event-stream")
-    runs, choices = await frontend.collect(endpoint, [prompt], params, access)
+    runs, choices = await core.collect(endpoint, [prompt], params, access)
     tokenizer = endpoint.tokenizer
     return JSONResponse(
         chat_body(rid, created, body.model, runs[0], choices, body.logprobs, tokenizer, plan)

@@ -1,5 +1,5 @@
-"""What HTTP and gRPC share: auth, model lookup, tokenization, and running a request's prompts
-on the model's replicas as merged streams."""
+"""`GatewayCore`: what the gateway's HTTP and gRPC APIs share: auth, model lookup, tokenization,
+and running a request's prompts on the model's replicas as merged streams."""
 
 from __future__ import annotations
 
@@ -62,7 +62,10 @@ class PromptRun:
     num_cached_tokens: int = 0  # served from the prefix cache
 
 
-class Frontend:
+class GatewayCore:
+    """The gateway's API-independent half: the Gateway deployment owns one; the handlers of
+    both APIs (openai_api, grpc_api) call it."""
+
     def __init__(
         self,
         endpoints: dict[str, ModelEndpoint],

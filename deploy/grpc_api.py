@@ -8,10 +8,16 @@ from collections.abc import AsyncIterator
 
 from moe_serve.cluster.params import RequestError, SamplingParams
 from moe_serve.cluster.sampler import TokenLogprobs
-from moe_serve.deploy import grpc_inputs
+from moe_serve.deploy import grpc_protocol
 from moe_serve.deploy.access_log import AccessRecord
 from moe_serve.deploy.errors import ApiError, as_api_error
-from moe_serve.deploy.frontend import ChoiceState, Frontend, ModelEndpoint, PromptRun, request_id
+from moe_serve.deploy.gateway_core import (
+    ChoiceState,
+    GatewayCore,
+    ModelEndpoint,
+    PromptRun,
+    request_id,
+)
 from moe_serve.deploy.structured import ToolPlan
 from moe_serve.deploy.tool_calls import ToolCallDelta, ToolCallReader, merge_calls
 from moe_serve.models.tokenizer import TextTokenizer
@@ -29,9 +35,9 @@ _OPTIONAL = (  # NOTE: optional proto fields: unset ones keep SamplingParams' de
 )
 
 
-def authorize(frontend: Frontend, context) -> None:
+def authorize(core: GatewayCore, context) -> None:
     metadata = dict(context.invocation_metadata() or ())
-    frontend.authorize(metadata.get("authorization"))
+    core.authorize(metadata.get("authorization"))
 
 
 def _params(request: pb.GenerateRequest, is_chat: bool) -> SamplingParams:
@@ -56,31 +62,31 @@ def _params(request: pb.GenerateRequest, is_chat: bool) -> SamplingParams:
 
 
 def _prompt(
-    frontend: Frontend,
+    core: GatewayCore,
     endpoint: ModelEndpoint,
     request: pb.GenerateRequest,
     tools: list[dict] | None,
 ) -> list[int]:
     kind = request.WhichOneof("input")
     if kind == "prompt":
-        return frontend.prompt_ids(endpoint, request.prompt)
+        return core.prompt_ids(endpoint, request.prompt)
     if kind == "prompt_token_ids":
-        return frontend.prompt_ids(endpoint, list(request.prompt_token_ids.ids))
+        return core.prompt_ids(endpoint, list(request.prompt_token_ids.ids))
     if kind == "chat":
-        return endpoint.tokenizer.encode_chat(grpc_inputs.messages(request), tools=tools)
+        return endpoint.tokenizer.encode_chat(grpc_protocol.messages(request), tools=tools)
     raise RequestError("set one of prompt, prompt_token_ids or chat")
 
 
-async def _prepare(frontend: Frontend, request: pb.GenerateRequest):
-    endpoint = frontend.endpoint(request.model)
+async def _prepare(core: GatewayCore, request: pb.GenerateRequest):
+    endpoint = core.endpoint(request.model)
     is_chat = request.WhichOneof("input") == "chat"
     if is_chat and request.echo:
         raise RequestError("echo applies to prompt and prompt_token_ids, not to chat")
-    wanted = grpc_inputs.structure(request, is_chat, endpoint.info.architecture)
+    wanted = grpc_protocol.structure(request, is_chat, endpoint.info.architecture)
     params = dataclasses.replace(_params(request, is_chat), structured=wanted.grammar)
-    prompt = _prompt(frontend, endpoint, request, wanted.template_tools)
-    frontend.check(endpoint, [prompt], params)
-    await frontend.check_grammars(endpoint, wanted.checks)
+    prompt = _prompt(core, endpoint, request, wanted.template_tools)
+    core.check(endpoint, [prompt], params)
+    await core.check_grammars(endpoint, wanted.checks)
     return endpoint, params, prompt, wanted.plan
 
 
@@ -148,25 +154,25 @@ class StreamAborted(RuntimeError):
     set before an exception; with nothing yielded, a plain return would end with OK)."""
 
 
-def _fail(frontend: Frontend, model: str, api: str, context, exc: BaseException) -> ApiError:
+def _fail(core: GatewayCore, model: str, api: str, context, exc: BaseException) -> ApiError:
     error = as_api_error(exc)
     context.set_code(error.grpc_code)
     context.set_details(error.message)
-    frontend.count(model, api, error.status)
+    core.count(model, api, error.status)
     return error
 
 
 async def generate(
-    frontend: Frontend, request: pb.GenerateRequest, context, access: AccessRecord
+    core: GatewayCore, request: pb.GenerateRequest, context, access: AccessRecord
 ) -> pb.GenerateResponse:
     try:
-        authorize(frontend, context)
-        endpoint, params, prompt, plan = await _prepare(frontend, request)
-        runs, choices = await frontend.collect(endpoint, [prompt], params, access)
+        authorize(core, context)
+        endpoint, params, prompt, plan = await _prepare(core, request)
+        runs, choices = await core.collect(endpoint, [prompt], params, access)
     except Exception as exc:
-        _fail(frontend, request.model, "grpc_generate", context, exc)
+        _fail(core, request.model, "grpc_generate", context, exc)
         return pb.GenerateResponse()
-    frontend.count(request.model, "grpc_generate", 200)
+    core.count(request.model, "grpc_generate", 200)
     echo = runs[0] if request.echo else None
     want = request.HasField("logprobs")
     num_completion = sum(len(c.token_ids) for c in choices)
@@ -201,19 +207,19 @@ def _unary_choice(
 
 
 async def generate_stream(
-    frontend: Frontend, request: pb.GenerateRequest, context, access: AccessRecord
+    core: GatewayCore, request: pb.GenerateRequest, context, access: AccessRecord
 ) -> AsyncIterator[pb.GenerateStreamResponse]:
     try:
-        authorize(frontend, context)
-        endpoint, params, prompt, plan = await _prepare(frontend, request)
+        authorize(core, context)
+        endpoint, params, prompt, plan = await _prepare(core, request)
     except Exception as exc:
-        error = _fail(frontend, request.model, "grpc_generate_stream", context, exc)
+        error = _fail(core, request.model, "grpc_generate_stream", context, exc)
         raise StreamAborted(error.message) from None
     rid, num_completion, echoed = request_id("gen"), 0, set()
     readers = [ToolCallReader(plan) for _ in range(params.n)]
     want = request.HasField("logprobs")
-    tracker = frontend.metrics.track(request.model, [prompt], access)
-    outputs = frontend.stream(endpoint, [prompt], params)
+    tracker = core.metrics.track(request.model, [prompt], access)
+    outputs = core.stream(endpoint, [prompt], params)
     try:
         async for _, output in outputs:
             tracker.on_output(0, output)
@@ -236,19 +242,19 @@ async def generate_stream(
             model=request.model,
             usage=_usage(len(prompt), num_completion, tracker.num_cached_tokens),
         )
-        frontend.count(request.model, "grpc_generate_stream", 200)
+        core.count(request.model, "grpc_generate_stream", 200)
     except Exception as exc:
-        error = _fail(frontend, request.model, "grpc_generate_stream", context, exc)
+        error = _fail(core, request.model, "grpc_generate_stream", context, exc)
         raise StreamAborted(error.message) from None
     finally:
         await outputs.aclose()
 
 
-def list_models(frontend: Frontend, context) -> pb.ListModelsResponse:
+def list_models(core: GatewayCore, context) -> pb.ListModelsResponse:
     try:
-        authorize(frontend, context)
+        authorize(core, context)
     except ApiError as exc:
-        _fail(frontend, "-", "grpc_list_models", context, exc)
+        _fail(core, "-", "grpc_list_models", context, exc)
         return pb.ListModelsResponse()
     return pb.ListModelsResponse(
         models=[
@@ -259,6 +265,6 @@ def list_models(frontend: Frontend, context) -> pb.ListModelsResponse:
                 expert_parallel_size=e.info.expert_parallel_size,
                 num_experts=e.info.num_experts,
             )
-            for e in frontend.endpoints.values()
+            for e in core.endpoints.values()
         ]
     )

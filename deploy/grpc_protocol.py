@@ -1,5 +1,5 @@
-"""A gRPC GenerateRequest's chat, response_format and tool fields, read through the HTTP API's
-models (deploy/protocol.py) so that both APIs accept and refuse the same things."""
+"""A gRPC GenerateRequest's chat, response_format and tool fields, read through the OpenAI
+models (deploy/openai_protocol.py) so that both APIs accept and refuse the same things."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from moe_serve.cluster.params import RequestError, StructuredOutput
-from moe_serve.deploy.protocol import ChatMessage, NamedToolChoice, ResponseFormat, Tool
+from moe_serve.deploy.openai_protocol import ChatMessage, NamedToolChoice, ResponseFormat, Tool
 from moe_serve.deploy.structured import ToolPlan, chat_grammar, plan_tools, response_grammar
 from moe_serve.protos import moe_serving_pb2 as pb
 
