@@ -1,1 +1,1 @@
-"""Ray Serve application, config schema, CLI, HTTP (OpenAI) and gRPC front ends."""
+"""Ray Serve application, config schema, CLI, and the gateway: HTTP (OpenAI) and gRPC APIs."""

@@ -19,9 +19,9 @@ from ray.serve.schema import LoggingConfig
 from moe_serve.deploy.config import (
     API_KEY_ENV,
     ConfigFileError,
-    ModelConfig,
     ServeConfig,
-    parse_config,
+    ServedModelConfig,
+    parse_serve_config,
 )
 from moe_serve.deploy.gateway import Gateway
 from moe_serve.deploy.metrics import MetricsHub
@@ -35,7 +35,7 @@ GRPC_SERVICERS = [
 ]
 
 
-def is_cuda(model: ModelConfig) -> bool:
+def is_cuda(model: ServedModelConfig) -> bool:
     """`auto`: CUDA when the Ray cluster has GPUs now (set `device: cuda` on autoscaled GPU
     clusters whose GPU nodes may not exist yet)."""
     if model.device != "auto":
@@ -49,7 +49,7 @@ def serve_logging(log_level: str) -> LoggingConfig:
     return LoggingConfig(log_level=log_level.upper(), enable_access_log=False)
 
 
-def model_deployment(model: ModelConfig, cuda: bool, logging: LoggingConfig):
+def model_deployment(model: ServedModelConfig, cuda: bool, logging: LoggingConfig):
     return ModelReplica.options(
         name=model.deployment_name,
         ray_actor_options={"num_cpus": 0},
@@ -68,7 +68,7 @@ def model_deployment(model: ModelConfig, cuda: bool, logging: LoggingConfig):
 def build_app(args: dict | ServeConfig, log_level: str = "warning") -> Application:
     """The application for a serving config, once every model passed `check_models` (else
     ModelCheckError, one line per problem: nothing is deployed)."""
-    config = args if isinstance(args, ServeConfig) else parse_config(args, "application args")
+    config = args if isinstance(args, ServeConfig) else parse_serve_config(args, "application args")
     if config.api_key is not None:
         raise ConfigFileError(
             "application args: api_key: refused: the args are visible in the Serve config and "

@@ -67,11 +67,11 @@ def ray_address(flag: str | None) -> str | None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     """Every model is checked before Ray starts: each problem is one line, exit status 2."""
-    from moe_serve.deploy.config import ConfigFileError, demo_config, load_config
+    from moe_serve.deploy.config import ConfigFileError, demo_config, load_serve_config
     from moe_serve.deploy.validate import check_address, check_models
 
     try:
-        config = load_config(args.config) if args.config else demo_config()
+        config = load_serve_config(args.config) if args.config else demo_config()
     except ConfigFileError as exc:
         return _fail(str(exc).splitlines())
     address = ray_address(args.address)
@@ -88,7 +88,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     # NOTE: before Ray is imported: the driver prints the replicas' lines (access lines,
     # warnings) as they are, without Ray's "(ServeReplica:... pid=...)" prefix
     os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
-    from moe_serve.deploy.serving import run
+    from moe_serve.deploy.launch import run
 
     return run(config, address, args.log_level)
 

@@ -5,7 +5,7 @@ The same schema is `moe-serve run --config FILE`, the Serve application's args, 
 Helm chart renders into `serveConfigV2`. The API key is never part of the application's args
 (they are visible in the Serve config and the Ray dashboard): the gateway reads
 $MOE_SERVE_API_KEY from its own environment. `api_key` in a config file is for `moe-serve run`
-on a Ray instance of its own, which hands it to that instance's environment (deploy/serving.py).
+on a Ray instance of its own, which hands it to that instance's environment (deploy/launch.py).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class ResourcesConfig(Strict):
     torch_threads: int | None = Field(None, ge=1)  # engine actor's threads (default: cores)
 
 
-class ModelConfig(Strict):
+class ServedModelConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
     source: str = Field(min_length=1)  # a local checkpoint directory or a hub id
     revision: str | None = None
@@ -124,7 +124,7 @@ class ModelConfig(Strict):
         return bundles
 
     @model_validator(mode="after")
-    def _one_kv_budget(self) -> ModelConfig:
+    def _one_kv_budget(self) -> ServedModelConfig:
         if self.kv_cache_blocks is not None and self.kv_cache_memory_gb is not None:
             raise ValueError("set kv_cache_blocks or kv_cache_memory_gb, not both")
         return self
@@ -160,7 +160,7 @@ class ServeConfig(Strict):
     api_key: str | None = Field(None, min_length=8)  # moe-serve run only; see the docstring
     limits: LimitsConfig = LimitsConfig()
     metrics: MetricsConfig = MetricsConfig()
-    models: list[ModelConfig] = Field(min_length=1)
+    models: list[ServedModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _unique_names(self) -> ServeConfig:
@@ -193,14 +193,14 @@ def format_errors(error: ValidationError, where: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: Any, where: str = "config") -> ServeConfig:
+def parse_serve_config(data: Any, where: str = "config") -> ServeConfig:
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigFileError(format_errors(exc, where)) from None
 
 
-def load_config(path: str | Path) -> ServeConfig:
+def load_serve_config(path: str | Path) -> ServeConfig:
     """Read and validate a YAML config file; errors name the file and the key."""
     path = Path(path)
     try:
@@ -209,12 +209,12 @@ def load_config(path: str | Path) -> ServeConfig:
         raise ConfigFileError(f"{path}: no such config file") from None
     except yaml.YAMLError as exc:
         raise ConfigFileError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(data, str(path))
+    return parse_serve_config(data, str(path))
 
 
 def demo_config() -> ServeConfig:
     """Three tiny models, one per architecture, each with two expert shards, on CPU."""
-    return parse_config(
+    return parse_serve_config(
         {
             "models": [
                 {

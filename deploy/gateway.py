@@ -16,15 +16,15 @@ from starlette.exceptions import HTTPException
 
 from moe_serve.cluster.grammar import GrammarCompiler
 from moe_serve.cluster.params import RequestLimits
-from moe_serve.deploy import grpc_server, openai_server
+from moe_serve.deploy import grpc_api, openai_api
 from moe_serve.deploy.access_log import AccessRecord, configure_access_log
-from moe_serve.deploy.config import ModelConfig, ServeConfig, api_key_from_environment
+from moe_serve.deploy.config import ServeConfig, ServedModelConfig, api_key_from_environment
 from moe_serve.deploy.errors import ApiError, as_api_error
-from moe_serve.deploy.frontend import Frontend, ModelEndpoint, ModelInfo
+from moe_serve.deploy.gateway_core import GatewayCore, ModelEndpoint, ModelInfo
 from moe_serve.deploy.health import READY_WITHIN_S, Health, assess, needs_serve_status
 from moe_serve.deploy.metrics import GatewayMetrics
 from moe_serve.deploy.openai_format import models_body
-from moe_serve.deploy.protocol import ChatCompletionRequest, CompletionRequest
+from moe_serve.deploy.openai_protocol import ChatCompletionRequest, CompletionRequest
 from moe_serve.models.registry import load_config
 from moe_serve.models.source import resolve_source
 from moe_serve.models.tokenizer import TextTokenizer
@@ -84,7 +84,7 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
         raise ApiError(400, f"{where}: {message}", param=where) from None
 
 
-def build_endpoint(model: ModelConfig, handle) -> ModelEndpoint:
+def build_endpoint(model: ServedModelConfig, handle) -> ModelEndpoint:
     """What the gateway needs of a model: tokenizer, limits (checkpoint metadata only)."""
     directory = resolve_source(model.source, model.revision, metadata_only=True)
     config = load_config(directory)
@@ -134,7 +134,7 @@ class Gateway:
         serve_config = ServeConfig.model_validate(config)
         self.models, self.config = serve_config.models, serve_config
         endpoints = {m.name: build_endpoint(m, handles[m.name]) for m in serve_config.models}
-        self.frontend = Frontend(
+        self.core = GatewayCore(
             endpoints, api_key_from_environment(), GatewayMetrics(), serve_config.limits
         )
         self.hub = hub
@@ -145,17 +145,17 @@ class Gateway:
         """Run an API call; every outcome is an OpenAI-shaped response and one access line."""
         access = AccessRecord(request.method, request.url.path)
         try:
-            self.frontend.authorize(request.headers.get("authorization"))
+            self.core.authorize(request.headers.get("authorization"))
             body = await parse_body(request, body_model)
             access.model = body.model
-            response = await handler(self.frontend, body, access)
+            response = await handler(self.core, body, access)
         except Exception as exc:
             error = as_api_error(exc)
-            self.frontend.count(access.model, api, error.status)
+            self.core.count(access.model, api, error.status)
             access.status = str(error.status)
             access.write()
             return JSONResponse(error.body(), status_code=error.status)
-        self.frontend.count(access.model, api, 200)
+        self.core.count(access.model, api, 200)
         if isinstance(response, StreamingResponse):
             response.body_iterator = _written_at_end(response.body_iterator, access)
         else:
@@ -165,26 +165,26 @@ class Gateway:
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         return await self._guarded(
-            "completions", CompletionRequest, request, openai_server.completions
+            "completions", CompletionRequest, request, openai_api.completions
         )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         return await self._guarded(
-            "chat", ChatCompletionRequest, request, openai_server.chat_completions
+            "chat", ChatCompletionRequest, request, openai_api.chat_completions
         )
 
     @app.get("/v1/models")
     async def models(self, request: Request):
         access = AccessRecord(request.method, request.url.path)
         try:
-            self.frontend.authorize(request.headers.get("authorization"))
+            self.core.authorize(request.headers.get("authorization"))
         except ApiError as error:
             access.status = str(error.status)
             return JSONResponse(error.body(), status_code=error.status)
         finally:
             access.write()
-        return models_body(e.info for e in self.frontend.endpoints.values())
+        return models_body(e.info for e in self.core.endpoints.values())
 
     @app.get("/health")
     async def health(self):
@@ -193,7 +193,7 @@ class Gateway:
         health = await self._health()
         if not health.is_ok:
             return JSONResponse(ApiError(503, health.message()).body(), status_code=503)
-        return {"status": "ok", "models": list(self.frontend.endpoints), "idle": health.idle}
+        return {"status": "ok", "models": list(self.core.endpoints), "idle": health.idle}
 
     async def _health(self) -> Health:
         """NOTE: from the replicas' periodic reports, not a call to them: a call would queue
@@ -213,33 +213,31 @@ class Gateway:
 
     def requires_api_key(self) -> bool:
         """Whether this gateway found an API key in its environment (`moe-serve run` says)."""
-        return self.frontend.api_key is not None
+        return self.core.api_key is not None
 
     @app.get("/metrics")
     async def metrics(self, request: Request):
         if self.config.metrics.require_api_key:
             try:
-                self.frontend.authorize(request.headers.get("authorization"))
+                self.core.authorize(request.headers.get("authorization"))
             except ApiError as error:
                 return JSONResponse(error.body(), status_code=error.status)
         snapshot = await self.hub.snapshot.remote()
-        return Response(
-            self.frontend.metrics.render(snapshot), media_type="text/plain; version=0.0.4"
-        )
+        return Response(self.core.metrics.render(snapshot), media_type="text/plain; version=0.0.4")
 
     # gRPC: Serve's proxy calls the method named like the RPC.
     async def Generate(self, request, grpc_context=None):
         access = AccessRecord("gRPC", f"/{GRPC_SERVICE}/Generate", request.model)
         try:
-            return await grpc_server.generate(self.frontend, request, grpc_context, access)
+            return await grpc_api.generate(self.core, request, grpc_context, access)
         finally:
             _write_grpc(access, grpc_context)
 
     async def GenerateStream(self, request, grpc_context=None):
         access = AccessRecord("gRPC", f"/{GRPC_SERVICE}/GenerateStream", request.model)
         try:
-            async for response in grpc_server.generate_stream(
-                self.frontend, request, grpc_context, access
+            async for response in grpc_api.generate_stream(
+                self.core, request, grpc_context, access
             ):
                 yield response
         finally:
@@ -248,7 +246,7 @@ class Gateway:
     async def ListModels(self, request, grpc_context=None):
         access = AccessRecord("gRPC", f"/{GRPC_SERVICE}/ListModels")
         try:
-            return grpc_server.list_models(self.frontend, grpc_context)
+            return grpc_api.list_models(self.core, grpc_context)
         finally:
             _write_grpc(access, grpc_context)
 
@@ -277,7 +275,7 @@ class Gateway:
             )
             grpc_context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
             grpc_context.set_details(details)
-            raise grpc_server.StreamAborted(details)
+            raise grpc_api.StreamAborted(details)
         self.num_watches += 1
         try:
             last = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moe_serve.deploy.config import ModelConfig
+from moe_serve.deploy.config import ServedModelConfig
 
 READY_WITHIN_S = 10.0  # NOTE: replicas report every 2 s
 FAILING = ("UNHEALTHY", "DEPLOY_FAILED")  # Serve's DeploymentStatus values that mean failing
@@ -32,7 +32,7 @@ class Health:
         return "models not ready: " + "; ".join(f"{m}: {why}" for m, why in self.down.items())
 
 
-def needs_serve_status(models: list[ModelConfig], reports: dict[str, dict]) -> bool:
+def needs_serve_status(models: list[ServedModelConfig], reports: dict[str, dict]) -> bool:
     """Whether a model that may idle at zero has no serving replica (Serve must be asked)."""
     return any(
         m.autoscaling.min_replicas == 0 and not reports.get(m.name, {}).get("ready") for m in models
@@ -40,7 +40,7 @@ def needs_serve_status(models: list[ModelConfig], reports: dict[str, dict]) -> b
 
 
 def assess(
-    models: list[ModelConfig], reports: dict[str, dict], statuses: dict[str, tuple[str, str]]
+    models: list[ServedModelConfig], reports: dict[str, dict], statuses: dict[str, tuple[str, str]]
 ) -> Health:
     """`reports`: MetricsHub.model_health; `statuses`: deployment name -> (Serve's status, its
     message), needed only when `needs_serve_status`."""

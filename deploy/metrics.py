@@ -48,6 +48,25 @@ class MetricsHub:
         return [(model, replica, stats) for (model, replica), (_, stats) in self.latest.items()]
 
 
+GAUGES = (  # (name after moe_serve_, help)
+    ("num_requests_running", "sequences running"),
+    ("num_requests_waiting", "sequences waiting"),
+    ("kv_cache_usage_ratio", "fraction of KV blocks used"),
+)
+COUNTERS = (
+    ("preemptions", "sequences preempted"),
+    ("shard_rebuilds", "expert shard group rebuilds"),
+    ("shard_rebuild_failures", "failed expert shard group rebuilds"),
+    ("engine_steps", "engine steps"),
+    ("prefix_cache_queries", "prompt tokens looked up in the prefix cache"),
+    ("prefix_cache_hits", "prompt tokens served from the prefix cache"),
+)
+
+
+def _families(family: type, labels: list[str], specs: tuple[tuple[str, str], ...]) -> dict:
+    return {key: family(f"moe_serve_{key}", text, labels=labels) for key, text in specs}
+
+
 class ReplicaCollector:
     """Renders the hub's snapshot (set before each scrape) as metric families."""
 
@@ -56,25 +75,8 @@ class ReplicaCollector:
 
     def collect(self):
         labels = ["model", "replica"]
-        gauges = {
-            key: GaugeMetricFamily(f"moe_serve_{key}", help_text, labels=labels)
-            for key, help_text in (
-                ("num_requests_running", "sequences running"),
-                ("num_requests_waiting", "sequences waiting"),
-                ("kv_cache_usage_ratio", "fraction of KV blocks used"),
-            )
-        }
-        counters = {
-            key: CounterMetricFamily(f"moe_serve_{key}", help_text, labels=labels)
-            for key, help_text in (
-                ("preemptions", "sequences preempted"),
-                ("shard_rebuilds", "expert shard group rebuilds"),
-                ("shard_rebuild_failures", "failed expert shard group rebuilds"),
-                ("engine_steps", "engine steps"),
-                ("prefix_cache_queries", "prompt tokens looked up in the prefix cache"),
-                ("prefix_cache_hits", "prompt tokens served from the prefix cache"),
-            )
-        }
+        gauges = _families(GaugeMetricFamily, labels, GAUGES)
+        counters = _families(CounterMetricFamily, labels, COUNTERS)
         experts = CounterMetricFamily(
             "moe_serve_expert_tokens",
             "tokens routed to each expert",

@@ -14,7 +14,7 @@ from ray import serve
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import SamplingParams
 from moe_serve.cluster.replica import create_ray_replica
-from moe_serve.deploy.config import ModelConfig
+from moe_serve.deploy.config import ServedModelConfig
 from moe_serve.models.source import resolve_source
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ STATS_PERIOD_S = 2.0
 @serve.deployment
 class ModelReplica:
     async def __init__(self, model: dict, is_cuda: bool, hub) -> None:
-        self.config = ModelConfig.model_validate(model)
+        self.config = ServedModelConfig.model_validate(model)
         checkpoint = await asyncio.to_thread(
             resolve_source, self.config.source, self.config.revision
         )

@@ -5,7 +5,7 @@ a JSON array of calls, `[{"name": ..., "arguments": {...}}, ...]` (exactly one c
 parallel_tool_calls), each call's arguments validating against its function's parameters; a
 named function constrains it to that function's arguments object. "auto" leaves the output
 free and reads the model's own tool-call format where its architecture has one.
-Shared by the HTTP and gRPC front ends; the grammars are compiled (checked) before queuing.
+Shared by the HTTP and gRPC APIs; the grammars are compiled (checked) before queuing.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from moe_serve.cluster.grammar import GrammarCompiler
 from moe_serve.cluster.params import RequestError, StructuredOutput
-from moe_serve.deploy.protocol import NamedToolChoice, ResponseFormat, Tool
+from moe_serve.deploy.openai_protocol import NamedToolChoice, ResponseFormat, Tool
 
 # architecture -> the tool-call format its instruct models emit, read under tool_choice "auto"
 TOOL_CALL_FORMATS = {"GraniteMoeForCausalLM": "granite"}

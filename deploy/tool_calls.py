@@ -8,6 +8,7 @@ that does not start like a call streams as content.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from dataclasses import dataclass
@@ -147,20 +148,14 @@ class ToolCallReader:
         return "", [_whole_call(i, name, args) for i, (name, args) in enumerate(calls)]
 
 
-def merge_calls(deltas: list[ToolCallDelta]) -> list[dict]:
-    """OpenAI's message.tool_calls from a completion's deltas."""
-    calls: dict[int, dict] = {}
+def merge_deltas(deltas: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """A completion's calls, each whole (id and name from its first piece), in order."""
+    calls: dict[int, ToolCallDelta] = {}
     for delta in deltas:
-        call = calls.setdefault(
-            delta.index,
-            {"id": delta.id, "type": "function", "function": {"name": delta.name, "arguments": ""}},
+        call = calls.get(delta.index)
+        calls[delta.index] = (
+            delta
+            if call is None
+            else dataclasses.replace(call, arguments=call.arguments + delta.arguments)
         )
-        call["function"]["arguments"] += delta.arguments
     return [calls[i] for i in sorted(calls)]
-
-
-def delta_body(delta: ToolCallDelta) -> dict:
-    """OpenAI's stream chunk entry delta.tool_calls[i]."""
-    function = {"arguments": delta.arguments} | ({"name": delta.name} if delta.name else {})
-    head = {"id": delta.id, "type": "function"} if delta.id is not None else {}
-    return {"index": delta.index} | head | {"function": function}

@@ -12,7 +12,7 @@ import json
 import socket
 from pathlib import Path
 
-from moe_serve.deploy.config import ModelConfig, ServeConfig
+from moe_serve.deploy.config import ServeConfig, ServedModelConfig
 from moe_serve.models.registry import read_checkpoint_config
 from moe_serve.models.source import resolve_source
 from moe_serve.models.tokenizer import TextTokenizer
@@ -56,7 +56,7 @@ def check_address(address: str) -> list[str]:
     return []
 
 
-def check_model(model: ModelConfig, local_gpus: int | None = None) -> list[str]:
+def check_model(model: ServedModelConfig, local_gpus: int | None = None) -> list[str]:
     try:
         directory = resolve_source(model.source, model.revision, metadata_only=True)
     except (OSError, ValueError) as exc:
@@ -68,7 +68,7 @@ def check_model(model: ModelConfig, local_gpus: int | None = None) -> list[str]:
     return [f"model {model.name!r}: {' '.join(problem.split())}" for problem in problems]
 
 
-def _checkpoint_problems(model: ModelConfig, directory: Path) -> list[str]:
+def _checkpoint_problems(model: ServedModelConfig, directory: Path) -> list[str]:
     path = directory / "config.json"
     if not path.is_file():
         return [f"{directory}: no config.json (not a checkpoint directory)"]
@@ -103,7 +103,7 @@ def _expert_key(path: Path) -> str:
     return present[0] if present else "number of experts (not set: the default)"
 
 
-def _device_problems(model: ModelConfig, local_gpus: int) -> list[str]:
+def _device_problems(model: ServedModelConfig, local_gpus: int) -> list[str]:
     if model.device != "cuda":
         return []
     needed = sum(bundle.get("GPU", 0) for bundle in model.gang_bundles(True))

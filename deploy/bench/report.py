@@ -70,8 +70,8 @@ def serve_models(path: str):
     """A local Serve app with the checkpoint at EP = 2 and EP = 1."""
     from ray import serve
 
-    from moe_serve.deploy.config import parse_config
-    from moe_serve.deploy.serving import start
+    from moe_serve.deploy.config import parse_serve_config
+    from moe_serve.deploy.launch import start
 
     models = [
         {
@@ -86,7 +86,9 @@ def serve_models(path: str):
         for name, ep in (("olmoe-512-ep2", 2), ("olmoe-512-ep1", 1))
     ]
     start(
-        parse_config({"http": {"port": HTTP_PORT}, "grpc": {"port": GRPC_PORT}, "models": models})
+        parse_serve_config(
+            {"http": {"port": HTTP_PORT}, "grpc": {"port": GRPC_PORT}, "models": models}
+        )
     )
     return serve
 

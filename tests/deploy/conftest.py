@@ -103,10 +103,10 @@ def server(ray_cluster, tiny_dirs, ondemand_checkpoint):
     from ray.serve.config import gRPCOptions
 
     from moe_serve.deploy.app import APP_NAME, GRPC_SERVICERS, build_app
-    from moe_serve.deploy.config import parse_config
+    from moe_serve.deploy.config import parse_serve_config
 
     http_port, grpc_port = free_port(), free_port()
-    config = parse_config(app_config(tiny_dirs, http_port, grpc_port, ondemand_checkpoint))
+    config = parse_serve_config(app_config(tiny_dirs, http_port, grpc_port, ondemand_checkpoint))
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS),

@@ -14,8 +14,8 @@ from moe_serve.deploy.config import (
     API_KEY_ENV,
     ConfigFileError,
     api_key_from_environment,
-    load_config,
-    parse_config,
+    load_serve_config,
+    parse_serve_config,
 )
 from moe_serve.deploy.validate import ModelCheckError, check_address, check_models
 
@@ -34,7 +34,7 @@ def write(tmp_path, text):
 
 def test_defaults(tmp_path, monkeypatch):
     monkeypatch.delenv(API_KEY_ENV, raising=False)
-    config = load_config(write(tmp_path, MINIMAL))
+    config = load_serve_config(write(tmp_path, MINIMAL))
     assert (config.http.host, config.http.port, config.grpc.port) == ("127.0.0.1", 8000, 9000)
     model = config.models[0]
     assert (model.dtype, model.device, model.expert_parallel_size) == ("auto", "auto", 1)
@@ -50,10 +50,10 @@ def test_defaults(tmp_path, monkeypatch):
 def test_unknown_keys_are_errors_naming_the_key_and_file(tmp_path):
     path = write(tmp_path, MINIMAL + "    expert_paralel_size: 2\n")
     with pytest.raises(ConfigFileError) as error:
-        load_config(path)
+        load_serve_config(path)
     assert f"{path}: models.0.expert_paralel_size: unknown key" in str(error.value)
     with pytest.raises(ConfigFileError, match=r"autoscaling\.max_replica: unknown key"):
-        load_config(write(tmp_path, MINIMAL + "    autoscaling: {max_replica: 3}\n"))
+        load_serve_config(write(tmp_path, MINIMAL + "    autoscaling: {max_replica: 3}\n"))
 
 
 @pytest.mark.parametrize(
@@ -71,20 +71,20 @@ def test_unknown_keys_are_errors_naming_the_key_and_file(tmp_path):
 )
 def test_invalid_values(tmp_path, extra, message):
     with pytest.raises(ConfigFileError, match=message):
-        load_config(write(tmp_path, MINIMAL + extra))
+        load_serve_config(write(tmp_path, MINIMAL + extra))
 
 
 def test_file_and_yaml_errors(tmp_path):
     with pytest.raises(ConfigFileError, match="no such config file"):
-        load_config(tmp_path / "absent.yaml")
+        load_serve_config(tmp_path / "absent.yaml")
     with pytest.raises(ConfigFileError, match="not valid YAML"):
-        load_config(write(tmp_path, "models: [\n"))
+        load_serve_config(write(tmp_path, "models: [\n"))
     with pytest.raises(ConfigFileError, match="models: Field required"):
-        parse_config({"http": {"port": 8000}})
+        parse_serve_config({"http": {"port": 8000}})
 
 
 def test_replica_config_mapping():
-    config = parse_config(
+    config = parse_serve_config(
         {
             "models": [
                 {
@@ -144,7 +144,7 @@ def test_model_checks_report_every_problem_in_one_line_each(tiny_dirs, tmp_path)
         {"name": "empty", "source": str(tmp_path)},
         {"name": "no-tok", "source": no_tokenizer},
     ]
-    problems = check_models(parse_config({"models": models}))
+    problems = check_models(parse_serve_config({"models": models}))
     foo_config = tmp_path / "foo" / "config.json"
     assert problems[0].startswith(f"model 'foo': {foo_config}: model_type 'foo'")
     assert problems[1].startswith(f"model 'gone': model source '{tmp_path / 'absent'}'")
@@ -159,12 +159,12 @@ def test_model_checks_report_every_problem_in_one_line_each(tiny_dirs, tmp_path)
 
 def test_gpu_needs_are_checked_only_against_a_local_machine(tiny_dirs):
     model = {"name": "g", "source": str(tiny_dirs["olmoe"]), "device": "cuda"}
-    config = parse_config({"models": [model | {"expert_parallel_size": 2}]})
+    config = parse_serve_config({"models": [model | {"expert_parallel_size": 2}]})
     assert check_models(config) == []  # NOTE: a joined cluster's GPUs are elsewhere
     assert check_models(config, local_gpus=3) == []
     (problem,) = check_models(config, local_gpus=2)
     assert problem.startswith("model 'g': device cuda with expert_parallel_size 2 needs 3 GPUs")
-    assert check_models(parse_config({"models": [model]}), local_gpus=1) == []
+    assert check_models(parse_serve_config({"models": [model]}), local_gpus=1) == []
 
 
 def test_the_application_builder_refuses_models_that_fail_the_checks(tiny_dirs, tmp_path):

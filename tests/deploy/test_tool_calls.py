@@ -9,9 +9,9 @@ import jsonschema
 import pytest
 
 from moe_serve.cluster.params import RequestError
-from moe_serve.deploy.protocol import NamedToolChoice, ResponseFormat, Tool
+from moe_serve.deploy.openai_protocol import NamedToolChoice, ResponseFormat, Tool
 from moe_serve.deploy.structured import chat_grammar, plan_tools
-from moe_serve.deploy.tool_calls import ArrayScanner, ToolCallReader, merge_calls, parse_granite
+from moe_serve.deploy.tool_calls import ArrayScanner, ToolCallReader, merge_deltas, parse_granite
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [
@@ -59,10 +59,10 @@ def test_required_calls_follow_their_schema_and_stream_whole_calls():
         jsonschema.validate(json.loads(CALLS), single)
     for seed in range(20):
         content, deltas = read(ToolCallReader(plan), pieces(CALLS, seed))
-        calls = merge_calls(deltas)
-        assert content == "" and [c["function"]["name"] for c in calls] == ["weather", "time"]
-        assert json.loads(calls[0]["function"]["arguments"]) == {"city": 'a "}{[ b'}
-        assert len({c["id"] for c in calls}) == 2
+        calls = merge_deltas(deltas)
+        assert content == "" and [c.name for c in calls] == ["weather", "time"]
+        assert json.loads(calls[0].arguments) == {"city": 'a "}{[ b'}
+        assert len({c.id for c in calls}) == 2
 
 
 def test_a_named_function_streams_its_arguments():
@@ -72,7 +72,7 @@ def test_a_named_function_streams_its_arguments():
     content, deltas = read(reader, pieces('{"city": "Paris"}', 1))
     assert content == "" and len(deltas) > 1 and deltas[0].name == "weather"
     assert all(d.id is None for d in deltas[1:]) and reader.finish_reason("stop") == "tool_calls"
-    assert merge_calls(deltas)[0]["function"]["arguments"] == '{"city": "Paris"}'
+    assert merge_deltas(deltas)[0].arguments == '{"city": "Paris"}'
     no_arguments = json.loads(plan_tools(TOOLS, named("time"), True, "x").grammar.text)
     jsonschema.validate({}, no_arguments)
     with pytest.raises(jsonschema.ValidationError):
@@ -86,7 +86,7 @@ def test_auto_reads_granite_calls_and_passes_text_through():
     for seed in range(5):
         reader = ToolCallReader(plan)
         content, deltas = read(reader, pieces(granite, seed))
-        assert content == "" and merge_calls(deltas)[0]["function"]["name"] == "time"
+        assert content == "" and merge_deltas(deltas)[0].name == "time"
         assert reader.finish_reason("stop") == "tool_calls"
     reader = ToolCallReader(plan)
     assert reader.feed("Hello", is_final=False) == ("Hello", [])  # NOTE: not held back

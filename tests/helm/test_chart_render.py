@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from moe_serve.deploy.config import API_KEY_ENV, parse_config
+from moe_serve.deploy.config import API_KEY_ENV, parse_serve_config
 from moe_serve.deploy.limits import LimitsConfig
 from tests.helm.conftest import VALUE_SETS
 from tests.helm.crd import as_ray_cluster, crd_errors
@@ -48,7 +48,7 @@ def test_serve_config_is_one_app_with_valid_args(manifests):
     assert app["name"] == "moe-serve"
     assert app["route_prefix"] == "/"
     assert app["import_path"] == "moe_serve.deploy.app:build_app"
-    parsed = parse_config(app["args"], "serveConfigV2 args")
+    parsed = parse_serve_config(app["args"], "serveConfigV2 args")
     assert parsed.api_key is None, f"the key comes from {API_KEY_ENV}, never from args"
     assert [m.name for m in parsed.models]
 
@@ -136,11 +136,11 @@ def test_limits_metrics_and_grpc_message_size_follow_values(helm):
         "serve.metrics.require_api_key=true",
     ]
     manifests = render(sets=sets)
-    args = parse_config(serve_config(manifests)["applications"][0]["args"])
+    args = parse_serve_config(serve_config(manifests)["applications"][0]["args"])
     assert args.grpc.max_message_bytes == 1 << 20
     assert args.limits.max_stop_strings == 4 and args.metrics.require_api_key
     for group, container in ray_containers(manifests).items():
         # NOTE: Serve's gRPC proxy reads it when it starts, on whichever pod it runs
         assert env_of(container)["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]["value"] == "1048576", group
-    defaults = parse_config(serve_config(render())["applications"][0]["args"])
+    defaults = parse_serve_config(serve_config(render())["applications"][0]["args"])
     assert defaults.grpc.max_message_bytes == 4 << 20 and defaults.limits == LimitsConfig()

@@ -8,7 +8,12 @@ import json
 import pytest
 import yaml
 
-from moe_serve.deploy.config import AutoscalingConfig, MetricsConfig, ModelConfig, ResourcesConfig
+from moe_serve.deploy.config import (
+    AutoscalingConfig,
+    MetricsConfig,
+    ResourcesConfig,
+    ServedModelConfig,
+)
 from moe_serve.deploy.limits import LimitsConfig
 from tests.helm.helm_tool import CHART, render_error
 
@@ -104,7 +109,7 @@ def _constraints(prop: dict) -> list[dict]:
 @pytest.mark.parametrize(
     ("config_class", "definition", "path"),
     [
-        (ModelConfig, "model", ()),
+        (ServedModelConfig, "model", ()),
         (AutoscalingConfig, "model", ("autoscaling",)),
         (ResourcesConfig, "model", ("resources",)),
         (LimitsConfig, "limits", ()),

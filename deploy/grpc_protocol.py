@@ -1,5 +1,6 @@
-"""A gRPC GenerateRequest's chat, response_format and tool fields, read through the HTTP API's
-models (deploy/protocol.py) so that both APIs accept and refuse the same things."""
+"""A gRPC GenerateRequest read: its sampling parameters, and its chat, response_format and tool
+fields through the OpenAI request models (deploy/openai_protocol.py), so that both APIs accept
+and refuse the same things."""
 
 from __future__ import annotations
 
@@ -9,13 +10,44 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from moe_serve.cluster.params import RequestError, StructuredOutput
-from moe_serve.deploy.protocol import ChatMessage, NamedToolChoice, ResponseFormat, Tool
+from moe_serve.cluster.params import RequestError, SamplingParams, StructuredOutput
+from moe_serve.deploy.openai_protocol import ChatMessage, NamedToolChoice, ResponseFormat, Tool
 from moe_serve.deploy.structured import ToolPlan, chat_grammar, plan_tools, response_grammar
 from moe_serve.protos import moe_serving_pb2 as pb
 
 Checks = tuple[tuple[str, StructuredOutput], ...]
 TOOLS = TypeAdapter(list[Tool])
+_OPTIONAL = (  # NOTE: optional proto fields: unset ones keep SamplingParams' defaults
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+
+
+def sampling_params(request: pb.GenerateRequest, is_chat: bool) -> SamplingParams:
+    def get(name: str, default=None):
+        return getattr(request, name) if request.HasField(name) else default
+
+    values = {name: getattr(request, name) for name in _OPTIONAL if request.HasField(name)}
+    logprobs = get("logprobs")
+    try:
+        return SamplingParams(
+            max_tokens=get("max_tokens", None if is_chat else 16),
+            seed=get("seed"),
+            stop=tuple(request.stop),
+            stop_token_ids=tuple(request.stop_token_ids),
+            logprobs=logprobs,
+            prompt_logprobs=logprobs if request.echo else None,  # NOTE: echo with chat is refused
+            ignore_eos=request.ignore_eos,
+            **values,
+        )
+    except RequestError as exc:
+        raise RequestError(f"invalid sampling parameters: {exc}") from None
 
 
 def _validated(adapter: TypeAdapter | type[BaseModel], data: Any, where: str):

@@ -1,5 +1,5 @@
-"""What HTTP and gRPC share: auth, model lookup, tokenization, and running a request's prompts
-on the model's replicas as merged streams."""
+"""`GatewayCore`: what the gateway's HTTP and gRPC APIs share: auth, model lookup, tokenization,
+and running a request's prompts on the model's replicas as one stream of events."""
 
 from __future__ import annotations
 
@@ -9,17 +9,24 @@ import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moe_serve.cluster.grammar import GrammarCompiler
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import RequestError, RequestLimits, SamplingParams, StructuredOutput
-from moe_serve.cluster.sampler import TokenLogprobs
 from moe_serve.deploy import structured
 from moe_serve.deploy.access_log import AccessRecord
+from moe_serve.deploy.choice_stream import (
+    TEXT,
+    Collected,
+    StreamEvent,
+    collect_choices,
+    stream_choices,
+)
 from moe_serve.deploy.errors import ApiError, as_api_error
 from moe_serve.deploy.limits import LimitsConfig
 from moe_serve.deploy.metrics import GatewayMetrics
+from moe_serve.deploy.structured import ToolPlan
 from moe_serve.models.tokenizer import TextTokenizer
 
 
@@ -43,26 +50,10 @@ class ModelEndpoint:
     grammars: GrammarCompiler  # checks structured-output grammars before queuing
 
 
-@dataclass
-class ChoiceState:
-    """One completion accumulated from its deltas."""
+class GatewayCore:
+    """The gateway's API-independent half: the Gateway deployment owns one; the handlers of
+    both APIs (openai_api, grpc_api) call it."""
 
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
-@dataclass
-class PromptRun:
-    """One prompt of a request: its ids, and (for echo) its logprobs."""
-
-    prompt_ids: list[int]
-    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
-    num_cached_tokens: int = 0  # served from the prefix cache
-
-
-class Frontend:
     def __init__(
         self,
         endpoints: dict[str, ModelEndpoint],
@@ -124,11 +115,45 @@ class Frontend:
             await asyncio.to_thread(structured.check_grammars, endpoint.grammars, checks)
 
     async def stream(
+        self,
+        endpoint: ModelEndpoint,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        access: AccessRecord,
+        is_echo: bool = False,
+        plan: ToolPlan = TEXT,
+    ) -> AsyncIterator[StreamEvent]:
+        """Run every prompt (the caller has checked them: `check`); their events
+        (choice_stream.stream_choices). The first output is awaited here, so that a request the
+        replicas refuse (queue full, replica down, invalid) raises before a response starts."""
+        tracker = self.metrics.track(endpoint.info.name, prompts, access)
+        outputs = self._outputs(endpoint, prompts, params)
+        try:
+            first = await anext(outputs)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await outputs.aclose()
+            raise
+        started = _chain((first,) if first is not None else (), outputs)
+        return stream_choices(started, tracker, prompts, params.n, is_echo, plan)
+
+    async def collect(
+        self,
+        endpoint: ModelEndpoint,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        access: AccessRecord,
+    ) -> Collected:
+        """Run to completion (choice_stream.collect_choices)."""
+        events = await self.stream(endpoint, prompts, params, access, is_echo=True)
+        return await collect_choices(events, prompts, params.n)
+
+    async def _outputs(
         self, endpoint: ModelEndpoint, prompts: list[list[int]], params: SamplingParams
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Run every prompt; yield (prompt index, output) as outputs arrive. Leaving early
-        cancels every stream on the replicas (their KV blocks are freed). The caller has
-        checked the prompts (`check`)."""
+        """Every prompt's outputs, merged: (prompt index, output) as they arrive. Leaving early
+        cancels every stream on the replicas (their KV blocks are freed)."""
         queue: asyncio.Queue = asyncio.Queue()
         streams = [
             endpoint.handle.options(stream=True).generate.remote(ids, params, uuid.uuid4().hex)
@@ -153,21 +178,6 @@ class Frontend:
                     task.cancel()
                     response.cancel()
 
-    async def started(
-        self, endpoint: ModelEndpoint, prompts: list[list[int]], params: SamplingParams
-    ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """`stream` with its first output awaited here, so that a request the replicas refuse
-        (queue full, replica down, invalid) raises before an HTTP response has started."""
-        outputs = self.stream(endpoint, prompts, params)
-        try:
-            first = await anext(outputs)
-        except StopAsyncIteration:
-            return _chain((), outputs)
-        except BaseException:
-            await outputs.aclose()
-            raise
-        return _chain((first,), outputs)
-
     async def _pump(self, index: int, response, queue: asyncio.Queue) -> None:
         try:
             async for output in response:
@@ -175,33 +185,6 @@ class Frontend:
             queue.put_nowait(None)
         except Exception as exc:
             queue.put_nowait(exc)
-
-    async def collect(
-        self,
-        endpoint: ModelEndpoint,
-        prompts: list[list[int]],
-        params: SamplingParams,
-        access: AccessRecord,
-    ) -> tuple[list[PromptRun], list[ChoiceState]]:
-        """Run to completion: per prompt its run, per choice (prompt i, sample j ->
-        i * n + j) its accumulated state."""
-        runs = [PromptRun(ids) for ids in prompts]
-        choices = [ChoiceState() for _ in range(len(prompts) * params.n)]
-        tracker = self.metrics.track(endpoint.info.name, prompts, access)
-        async with contextlib.aclosing(self.stream(endpoint, prompts, params)) as outputs:
-            async for index, output in outputs:
-                tracker.on_output(index, output)
-                if output.prompt_logprobs is not None:
-                    runs[index].prompt_logprobs = output.prompt_logprobs
-                runs[index].num_cached_tokens = tracker.cached.get(index, 0)
-                for delta in output.deltas:
-                    state = choices[index * params.n + delta.index]
-                    state.text += delta.text
-                    state.token_ids.extend(delta.token_ids)
-                    state.logprobs.extend(delta.logprobs)
-                    state.finish_reason = delta.finish_reason
-        tracker.done()
-        return runs, choices
 
 
 async def _chain(first: tuple, rest: AsyncIterator) -> AsyncIterator:
