@@ -1,8 +1,8 @@
 """The asyncio front of a replica: streams requests through an engine core one step at a time.
 
 New requests and aborts collected between steps travel with the next `StepInput`; each
-`StepOutput` is routed to the requests' queues. The core is in-process (`LocalCore`, one worker
-thread) or a Ray actor (`cluster.actors.RayCore`).
+`StepOutput` is routed to the requests' queues. The core is reached through a `CoreHandle`: in
+this process (`cluster/local_replica.py`) or in a Ray actor (`cluster/ray_replica.py`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from moe_serve.cluster.core import EngineCore, NewRequest, StepInput, StepOutput
+from moe_serve.cluster.core import NewRequest, StepInput, StepOutput
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import RequestError, RequestLimits, SamplingParams
 
@@ -38,31 +37,6 @@ class CoreHandle(Protocol):
     async def stats(self) -> dict: ...
 
     async def shutdown(self) -> None: ...
-
-
-class LocalCore:
-    """An in-process core, run on one worker thread (tests, tools). On CPU, prefer the Ray
-    actor: see the note in `cluster/core.py`."""
-
-    def __init__(self, core: EngineCore) -> None:
-        self.core = core
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine-core")
-
-    async def _call(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    async def step(self, message: StepInput) -> StepOutput:
-        return await self._call(self.core.step, message)
-
-    async def idle(self) -> None:
-        await self._call(self.core.idle)
-
-    async def stats(self) -> dict:
-        return await self._call(self.core.stats)
-
-    async def shutdown(self) -> None:
-        await self._call(self.core.shutdown)
-        self.executor.shutdown(wait=False)
 
 
 class AsyncEngine:

@@ -16,12 +16,11 @@ import torch
 
 from moe_serve.cluster.engine import Engine, EngineConfig
 from moe_serve.cluster.expert_parallel import Dispatcher, ShardFailure, install_expert_parallel
-from moe_serve.cluster.launchers import ShardLauncher, ShardSpec
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import RequestError, SamplingParams
 from moe_serve.cluster.placement import ExpertPlacement, Strategy
 from moe_serve.cluster.shard import is_mlp_expert
-from moe_serve.cluster.shard_group import RebuildPolicy, ShardGroup
+from moe_serve.cluster.shard_group import RebuildPolicy, ShardGroup, ShardLauncher, ShardSpec
 from moe_serve.models.registry import load_model
 from moe_serve.models.tokenizer import TextTokenizer
 

@@ -13,7 +13,7 @@ from ray import serve
 
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import SamplingParams
-from moe_serve.cluster.replica import create_ray_replica
+from moe_serve.cluster.ray_replica import create_ray_replica
 from moe_serve.deploy.config import ModelConfig
 from moe_serve.models.source import resolve_source
 

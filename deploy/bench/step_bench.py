@@ -13,7 +13,7 @@ from moe_serve.cluster.async_engine import AsyncEngine
 from moe_serve.cluster.core import ReplicaConfig
 from moe_serve.cluster.engine import EngineConfig
 from moe_serve.cluster.params import SamplingParams
-from moe_serve.cluster.replica import create_ray_replica
+from moe_serve.cluster.ray_replica import create_ray_replica
 
 
 async def _decode_window(front: AsyncEngine, batch: int, output_tokens: int):

@@ -9,7 +9,7 @@ import pytest
 
 from moe_serve.cluster.core import EngineCore, ReplicaConfig
 from moe_serve.cluster.engine import Engine, EngineConfig
-from moe_serve.cluster.launchers import ThreadShardLauncher
+from moe_serve.cluster.local_replica import ThreadShardLauncher
 from moe_serve.cluster.params import SamplingParams
 from moe_serve.models.tiny import ARCHS
 from tests.cluster.test_block_manager import assert_accounting

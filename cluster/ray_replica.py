@@ -1,4 +1,5 @@
-"""Thin Ray shells: the expert shard actor and the launcher that places one per bundle/GPU."""
+"""A replica on Ray: its engine core in an `EngineActor` (bundle 0 of the replica's gang), its
+expert shards as `ExpertShardActor`s (bundles 1..N), and the front's handle on the engine actor."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import torch
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from moe_serve.cluster.async_engine import AsyncEngine
 from moe_serve.cluster.core import EngineCore, ReplicaConfig, StepInput, StepOutput
-from moe_serve.cluster.launchers import ShardLauncher, ShardSpec
 from moe_serve.cluster.params import RequestLimits
 from moe_serve.cluster.shard import ExpertShard
+from moe_serve.cluster.shard_group import ShardLauncher, ShardSpec
 from moe_serve.cluster.transport import CollectiveTransport, local_ip
 
 log = logging.getLogger(__name__)
@@ -205,3 +207,22 @@ class RayCore:
             await self.actor.shutdown.remote()
         finally:
             ray.kill(self.actor, no_restart=True)
+
+
+def create_ray_replica(
+    config: ReplicaConfig,
+    engine_options: dict | None = None,
+    shard_options: dict | None = None,
+    engine_threads: int | None = None,
+) -> tuple[AsyncEngine, object]:
+    """Front here, core in an EngineActor. Inside a placement group (a Serve replica's gang)
+    the engine actor takes bundle 0 and shard i bundle i + 1. `engine_threads`: torch threads
+    of the engine actor (default: the node's cores)."""
+    options = in_gang(dict(engine_options or {}), 0)
+    actor = EngineActor.options(**options).remote(config, shard_options, engine_threads)
+    try:
+        limits = ray.get(actor.start.remote())  # NOTE: surfaces load errors here
+    except BaseException:
+        ray.kill(actor, no_restart=True)  # NOTE: its shard actors go with it
+        raise
+    return AsyncEngine(RayCore(actor), limits, config.idle_ping_s), actor

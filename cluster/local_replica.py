@@ -1,49 +1,22 @@
-"""Starting and stopping one replica's expert shards: Ray actors, or threads in-process."""
+"""A replica in this process: its engine core on one worker thread behind the asyncio front, and
+its expert shards (if any) as threads joined by gloo over loopback (tests, tools, debugging)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from moe_serve.cluster.async_engine import AsyncEngine
+from moe_serve.cluster.core import EngineCore, ReplicaConfig, StepInput, StepOutput
 from moe_serve.cluster.shard import ExpertShard
+from moe_serve.cluster.shard_group import ShardLauncher, ShardSpec
 from moe_serve.cluster.transport import CollectiveTransport, TransportError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """What every shard of a replica loads and how it joins the group."""
-
-    checkpoint: str
-    dtype: str | None
-    device: str  # "cpu" or "cuda"
-    timeout_s: float  # every collective, and joining the group
-    load_timeout_s: float = 900.0  # loading the weights
-
-
-class ShardLauncher(ABC):
-    """Owns the shards of one replica (ranks 1..N of its group)."""
-
-    @abstractmethod
-    def start(
-        self, spec: ShardSpec, shard_expert_ids: Sequence[tuple[int, ...]], host: str, port: int
-    ) -> None:
-        """Load the shards (errors surface here), then let them join the group at host:port
-        and serve; returns without waiting for the join (rank 0 joins next)."""
-
-    @abstractmethod
-    def stop(self) -> None:
-        """Tear every shard down (no process or thread left behind)."""
-
-    @abstractmethod
-    def parameter_summaries(self) -> list[dict[str, tuple[int, ...]]]:
-        """Each shard's materialised parameters and their shapes."""
 
 
 class ThreadShardLauncher(ShardLauncher):
@@ -87,3 +60,36 @@ class ThreadShardLauncher(ShardLauncher):
 
     def parameter_summaries(self):
         return [shard.parameter_summary() for shard in self.shards]
+
+
+class LocalCore:
+    """The front's handle on an in-process core, run on one worker thread (tests, tools). On
+    CPU, prefer the Ray actor: see the note in `cluster/core.py`."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine-core")
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def step(self, message: StepInput) -> StepOutput:
+        return await self._call(self.core.step, message)
+
+    async def idle(self) -> None:
+        await self._call(self.core.idle)
+
+    async def stats(self) -> dict:
+        return await self._call(self.core.stats)
+
+    async def shutdown(self) -> None:
+        await self._call(self.core.shutdown)
+        self.executor.shutdown(wait=False)
+
+
+def create_local_replica(
+    config: ReplicaConfig, launcher: ShardLauncher | None = None
+) -> tuple[AsyncEngine, EngineCore]:
+    """Front and core in this process (the core on one worker thread)."""
+    core = EngineCore(config, launcher)
+    return AsyncEngine(LocalCore(core), core.engine.limits, config.idle_ping_s), core
