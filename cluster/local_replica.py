@@ -1,4 +1,4 @@
-"""A replica in this process: its engine core on one worker thread behind the asyncio front, and
+"""A replica in this process: its engine on one worker thread behind the asyncio front, and
 its expert shards (if any) as threads joined by gloo over loopback (tests, tools, debugging)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from moe_serve.cluster.async_engine import AsyncEngine
-from moe_serve.cluster.core import EngineCore, ReplicaConfig, StepInput, StepOutput
+from moe_serve.cluster.replica_engine import ReplicaConfig, ReplicaEngine, StepInput, StepOutput
 from moe_serve.cluster.shard import ExpertShard
 from moe_serve.cluster.shard_group import ShardLauncher, ShardSpec
 from moe_serve.cluster.transport import CollectiveTransport, TransportError
@@ -62,34 +62,34 @@ class ThreadShardLauncher(ShardLauncher):
         return [shard.parameter_summary() for shard in self.shards]
 
 
-class LocalCore:
-    """The front's handle on an in-process core, run on one worker thread (tests, tools). On
-    CPU, prefer the Ray actor: see the note in `cluster/core.py`."""
+class LocalEngineHandle:
+    """The front's handle on an in-process engine, run on one worker thread (tests, tools). On
+    CPU, prefer the Ray actor: see the note in `cluster/replica_engine.py`."""
 
-    def __init__(self, core: EngineCore) -> None:
-        self.core = core
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine-core")
+    def __init__(self, engine: ReplicaEngine) -> None:
+        self.engine = engine
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="replica-engine")
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def step(self, message: StepInput) -> StepOutput:
-        return await self._call(self.core.step, message)
+        return await self._call(self.engine.step, message)
 
     async def idle(self) -> None:
-        await self._call(self.core.idle)
+        await self._call(self.engine.idle)
 
     async def stats(self) -> dict:
-        return await self._call(self.core.stats)
+        return await self._call(self.engine.stats)
 
     async def shutdown(self) -> None:
-        await self._call(self.core.shutdown)
+        await self._call(self.engine.shutdown)
         self.executor.shutdown(wait=False)
 
 
 def create_local_replica(
     config: ReplicaConfig, launcher: ShardLauncher | None = None
-) -> tuple[AsyncEngine, EngineCore]:
-    """Front and core in this process (the core on one worker thread)."""
-    core = EngineCore(config, launcher)
-    return AsyncEngine(LocalCore(core), core.engine.limits, config.idle_ping_s), core
+) -> tuple[AsyncEngine, ReplicaEngine]:
+    """Front and engine in this process (the engine on one worker thread)."""
+    engine = ReplicaEngine(config, launcher)
+    return AsyncEngine(LocalEngineHandle(engine), engine.core.limits, config.idle_ping_s), engine

@@ -18,8 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moe_serve.cluster.core import ReplicaConfig
-from moe_serve.cluster.engine import EngineConfig
+from moe_serve.cluster.engine_core import EngineConfig
+from moe_serve.cluster.replica_engine import ReplicaConfig
 from moe_serve.deploy.limits import LimitsConfig
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"

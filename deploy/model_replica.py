@@ -1,6 +1,6 @@
 """ModelReplica: one Serve replica per gang (its engine actor in bundle 0, its expert shards in
-bundles 1..N), autoscaled by Serve. A thin async front: the engine core runs in the engine
-actor (see `cluster/core.py` for why)."""
+bundles 1..N), autoscaled by Serve. A thin async front: the replica's engine runs in the
+engine actor (see `cluster/replica_engine.py` for why)."""
 
 from __future__ import annotations
 
@@ -59,13 +59,13 @@ class ModelReplica:
 
     async def actor_pids(self) -> dict:
         """The engine actor's and its shards' process ids (tests, debugging)."""
-        return await self.front.core.actor.pids.remote()
+        return await self.front.handle.actor.pids.remote()
 
     async def _report(self) -> None:
         while True:
             if self.front.error is None:  # NOTE: a dead engine stops reporting: not ready
                 try:
-                    self.stats = await self.front.core.stats()
+                    self.stats = await self.front.handle.stats()
                     await self.hub.report.remote(self.config.name, self.replica_id, self.stats)
                 except Exception as exc:  # NOTE: metrics must never take serving down
                     log.warning("could not report engine stats: %s", exc)

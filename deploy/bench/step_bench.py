@@ -10,10 +10,10 @@ import time
 import ray
 
 from moe_serve.cluster.async_engine import AsyncEngine
-from moe_serve.cluster.core import ReplicaConfig
-from moe_serve.cluster.engine import EngineConfig
+from moe_serve.cluster.engine_core import EngineConfig
 from moe_serve.cluster.params import SamplingParams
 from moe_serve.cluster.ray_replica import create_ray_replica
+from moe_serve.cluster.replica_engine import ReplicaConfig
 
 
 async def _decode_window(front: AsyncEngine, batch: int, output_tokens: int):
@@ -28,11 +28,11 @@ async def _decode_window(front: AsyncEngine, batch: int, output_tokens: int):
             if index not in started:
                 started.add(index)
                 if len(started) == batch:
-                    marks["start"], marks["stats"] = time.perf_counter(), await front.core.stats()
+                    marks["start"], marks["stats"] = time.perf_counter(), await front.handle.stats()
 
     await asyncio.gather(*(one(i) for i in range(batch)))
     seconds = time.perf_counter() - marks["start"]
-    return seconds, marks["stats"], await front.core.stats()
+    return seconds, marks["stats"], await front.handle.stats()
 
 
 def _row(ep: int, batch: int, seconds: float, before: dict, after: dict) -> dict:

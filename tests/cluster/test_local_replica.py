@@ -8,18 +8,18 @@ import asyncio
 import pytest
 import torch
 
-from moe_serve.cluster.core import ReplicaConfig
-from moe_serve.cluster.engine import EngineConfig
+from moe_serve.cluster.engine_core import EngineConfig
 from moe_serve.cluster.local_replica import ThreadShardLauncher, create_local_replica
 from moe_serve.cluster.params import RequestError
+from moe_serve.cluster.replica_engine import ReplicaConfig
 from moe_serve.models.registry import load_model
-from tests.cluster.test_engine import greedy
+from tests.cluster.test_engine_core import greedy
 
 
 def test_async_stream_and_abort_on_early_exit(tiny_dirs):
     config = ReplicaConfig(str(tiny_dirs["jetmoe"]), engine=EngineConfig(max_model_len=256))
-    front, core = create_local_replica(config)
-    engine = core.engine
+    front, replica = create_local_replica(config)
+    engine = replica.core
 
     async def scenario():
         pieces = [out async for out in front.generate([1, 2, 3], greedy(max_tokens=10))]
@@ -42,18 +42,18 @@ def test_async_stream_and_abort_on_early_exit(tiny_dirs):
 def test_attention_side_and_shards_split_the_weights(tiny_dirs):
     path = str(tiny_dirs["jetmoe"])
     full = load_model(path)
-    front, core = create_local_replica(
+    front, replica = create_local_replica(
         ReplicaConfig(
             path, expert_parallel_size=3, engine=EngineConfig(max_model_len=512, block_size=8)
         ),
         ThreadShardLauncher(),
     )
     try:
-        attention_side = dict(core.engine.model.named_parameters())
+        attention_side = dict(replica.core.model.named_parameters())
         assert not [n for n in attention_side if ".mlp.experts." in n]
         assert any(".self_attn.experts." in n for n in attention_side)  # MoA stays here
         for shard, expert_ids in zip(
-            core.launcher.shards, core.placement.shard_expert_ids, strict=True
+            replica.launcher.shards, replica.placement.shard_expert_ids, strict=True
         ):
             for layer, experts in enumerate(shard.experts):
                 whole = full.moe_blocks()[layer].experts

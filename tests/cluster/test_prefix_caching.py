@@ -7,13 +7,13 @@ import random
 
 import pytest
 
-from moe_serve.cluster.core import EngineCore, ReplicaConfig
-from moe_serve.cluster.engine import Engine, EngineConfig
+from moe_serve.cluster.engine_core import EngineConfig, EngineCore
 from moe_serve.cluster.local_replica import ThreadShardLauncher
 from moe_serve.cluster.params import SamplingParams
+from moe_serve.cluster.replica_engine import ReplicaConfig, ReplicaEngine
 from moe_serve.models.tiny import ARCHS
 from tests.cluster.test_block_manager import assert_accounting
-from tests.cluster.test_engine import greedy, make_engine, run
+from tests.cluster.test_engine_core import greedy, make_engine, run
 
 
 def family_prompts(vocab: int, seed: int, num_families: int = 4, per_family: int = 4):
@@ -28,7 +28,7 @@ def family_prompts(vocab: int, seed: int, num_families: int = 4, per_family: int
     return [*prompts, prompts[0], prompts[1][: len(prompts[1]) - 1]]
 
 
-def run_waves(engine: Engine, waves: list[list[list[int]]], max_tokens: int = 12):
+def run_waves(engine: EngineCore, waves: list[list[list[int]]], max_tokens: int = 12):
     """Each wave's prompts together, waves one after another -> every request's tokens."""
     tokens = {}
     for w, wave in enumerate(waves):
@@ -87,7 +87,7 @@ def test_prompt_logprobs_are_computed_not_cached(arch_path):
     assert results[0].prompt_logprobs[1] is not None
 
 
-def num_cached(engine: Engine, prompt: list[int], params: SamplingParams | None = None) -> int:
+def num_cached(engine: EngineCore, prompt: list[int], params: SamplingParams | None = None) -> int:
     engine.add_request("r", prompt, params or greedy(max_tokens=2))
     outputs = []
     while engine.has_unfinished:
@@ -169,11 +169,11 @@ def test_expert_parallel_outputs_are_the_same_with_prefix_caching_on_and_off(tin
     for on in (True, False):
         engine_config = EngineConfig(max_model_len=256, block_size=4, enable_prefix_caching=on)
         config = ReplicaConfig(str(tiny_dirs[arch]), expert_parallel_size=2, engine=engine_config)
-        core = EngineCore(config, ThreadShardLauncher())
+        replica = ReplicaEngine(config, ThreadShardLauncher())
         try:
-            outputs.append(run_waves(core.engine, waves))
-            hits.append(core.stats()["prefix_cache_hits"])
+            outputs.append(run_waves(replica.core, waves))
+            hits.append(replica.stats()["prefix_cache_hits"])
         finally:
-            core.shutdown()
+            replica.shutdown()
     assert outputs[0] == outputs[1]
     assert hits[0] > 0 and hits[1] == 0

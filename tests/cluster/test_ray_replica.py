@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe_serve.cluster.async_engine import EngineStepError
-from moe_serve.cluster.core import ReplicaConfig
-from moe_serve.cluster.engine import EngineConfig
+from moe_serve.cluster.engine_core import EngineConfig
 from moe_serve.cluster.local_replica import create_local_replica
 from moe_serve.cluster.params import SamplingParams
 from moe_serve.cluster.ray_replica import create_ray_replica
+from moe_serve.cluster.replica_engine import ReplicaConfig
 from moe_serve.models.tiny import ARCHS
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,7 @@
-"""The replica engine: add requests, step (schedule -> execute -> update), abort.
+"""The engine core: scheduler, model runner, KV cache and sampling; add requests, step
+(schedule -> execute -> update), abort.
 
-Synchronous and single-threaded; `AsyncEngine` drives it from a background thread.
+Synchronous and single-threaded; a `ReplicaEngine` drives it one step at a time.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def _random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
 
 
-class Engine:
+class EngineCore:
+    """One model's requests, advanced one step at a time (what vLLM calls the engine core)."""
+
     def __init__(
         self, model: MoeForCausalLM, tokenizer: TextTokenizer, config: EngineConfig | None = None
     ) -> None:

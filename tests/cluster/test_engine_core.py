@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from moe_serve.cluster.engine import Engine, EngineConfig
+from moe_serve.cluster.engine_core import EngineConfig, EngineCore
 from moe_serve.cluster.params import RequestError, SamplingParams
 from moe_serve.models.registry import load_model
 from moe_serve.models.tiny import ARCHS
@@ -40,7 +40,7 @@ def collect(outputs, results: dict[str, Result]) -> None:
         result.usage = (out.num_prompt_tokens, out.num_output_tokens)
 
 
-def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]):
+def run(engine: EngineCore, requests: dict[str, tuple[list[int], SamplingParams]]):
     results: dict[str, Result] = {}
     for request_id, (prompt, params) in requests.items():
         engine.add_request(request_id, prompt, params)
@@ -53,9 +53,11 @@ def greedy(max_tokens=MAX_TOKENS, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
 
 
-def make_engine(path, **config) -> Engine:
+def make_engine(path, **config) -> EngineCore:
     defaults = dict(max_model_len=256, block_size=4, max_num_seqs=16)
-    return Engine(load_model(path), TextTokenizer.from_dir(path), EngineConfig(**defaults | config))
+    return EngineCore(
+        load_model(path), TextTokenizer.from_dir(path), EngineConfig(**defaults | config)
+    )
 
 
 def mixed_prompts(vocab: int, num: int = 16, seed: int = 0) -> list[list[int]]:
