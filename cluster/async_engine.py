@@ -17,7 +17,7 @@ from typing import Protocol
 
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import RequestError, RequestLimits, SamplingParams
-from moe_serve.cluster.replica_engine import NewRequest, StepInput, StepOutput
+from moe_serve.cluster.replica_engine import NewRequest, ReplicaStats, StepInput, StepOutput
 
 log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 2
@@ -34,7 +34,7 @@ class EngineHandle(Protocol):
 
     async def idle(self) -> None: ...
 
-    async def stats(self) -> dict: ...
+    async def stats(self) -> ReplicaStats: ...
 
     async def shutdown(self) -> None: ...
 

@@ -46,6 +46,21 @@ class EngineConfig:
             raise ValueError("block_size and num_kv_blocks must be positive")
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """An engine core's queues and KV cache now, and its counters since start."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks in use
+    num_free_blocks: int
+    num_blocks: int
+    num_preemptions: int
+    num_steps: int
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # prompt tokens served from the cache
+
+
 def _num_blocks(config: EngineConfig, model: MoeForCausalLM, max_model_len: int) -> int:
     if config.num_kv_blocks is not None:
         blocks = config.num_kv_blocks
@@ -267,15 +282,15 @@ class EngineCore:
                         logprobs[j], token, state.params.prompt_logprobs
                     )
 
-    def stats(self) -> dict[str, float]:
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "kv_usage": self.blocks.usage,
-            "num_free_blocks": self.blocks.num_free_blocks,
-            "num_blocks": self.blocks.num_blocks,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "num_steps": self.num_steps,
-            "prefix_cache_queries": self.scheduler.num_queried_tokens,
-            "prefix_cache_hits": self.scheduler.num_hit_tokens,
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.blocks.usage,
+            num_free_blocks=self.blocks.num_free_blocks,
+            num_blocks=self.blocks.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.num_steps,
+            prefix_cache_queries=self.scheduler.num_queried_tokens,
+            prefix_cache_hits=self.scheduler.num_hit_tokens,
+        )

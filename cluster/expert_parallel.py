@@ -7,6 +7,7 @@ Shapes: T tokens, K top-k, H hidden, E experts, N shards.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -21,7 +22,18 @@ class ShardFailure(RuntimeError):
     """An expert shard of this replica died, hung or could not be reached."""
 
 
+@dataclass(frozen=True)
 class DispatchStats:
+    """What a replica's dispatcher moved since it started."""
+
+    expert_tokens: tuple[tuple[int, ...], ...]  # [layer][expert]: tokens routed there
+    bytes_sent: int  # payload rows to the shards
+    bytes_received: int  # results back
+    min_bytes: int  # tokens x distinct shards x H x bytes, both ways
+    num_steps: int
+
+
+class DispatchCounters:
     """Per-layer, per-expert routed token counts and bytes moved (read from any thread)."""
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
@@ -29,15 +41,15 @@ class DispatchStats:
         self.bytes_sent = self.bytes_received = self.min_bytes = self.num_steps = 0
         self.lock = threading.Lock()
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> DispatchStats:
         with self.lock:
-            return {
-                "expert_tokens": self.expert_tokens.tolist(),
-                "bytes_sent": self.bytes_sent,
-                "bytes_received": self.bytes_received,
-                "min_bytes": self.min_bytes,
-                "num_steps": self.num_steps,
-            }
+            return DispatchStats(
+                tuple(map(tuple, self.expert_tokens.tolist())),
+                self.bytes_sent,
+                self.bytes_received,
+                self.min_bytes,
+                self.num_steps,
+            )
 
 
 class Dispatcher:
@@ -52,7 +64,7 @@ class Dispatcher:
             cfg.hidden_size,
         )
         self.shard_of = torch.tensor(placement.shard_of, dtype=torch.long)
-        self.stats = DispatchStats(cfg.num_layers, cfg.num_experts)
+        self.counters = DispatchCounters(cfg.num_layers, cfg.num_experts)
         self.transport: CollectiveTransport | None = None
 
     def attach(self, transport: CollectiveTransport) -> None:
@@ -108,17 +120,16 @@ class Dispatcher:
 
     def _count(self, layer: int, topk_ids: torch.Tensor, rows: int, hidden: torch.Tensor) -> None:
         row_bytes = self.hidden_size * hidden.element_size()
-        routed = torch.bincount(topk_ids.flatten(), minlength=self.stats.expert_tokens.shape[1])
-        with self.stats.lock:
-            self.stats.expert_tokens[layer] += routed.cpu()
-            self.stats.bytes_sent += rows * payload_row_bytes(
+        counters = self.counters
+        routed = torch.bincount(topk_ids.flatten(), minlength=counters.expert_tokens.shape[1])
+        with counters.lock:
+            counters.expert_tokens[layer] += routed.cpu()
+            counters.bytes_sent += rows * payload_row_bytes(
                 self.hidden_size, hidden.dtype, self.top_k
             )
-            self.stats.bytes_received += rows * row_bytes
-            self.stats.min_bytes += (
-                2 * rows * row_bytes
-            )  # NOTE: tokens x distinct shards, both ways
-            self.stats.num_steps += layer == 0
+            counters.bytes_received += rows * row_bytes
+            counters.min_bytes += 2 * rows * row_bytes  # NOTE: tokens x distinct shards, both ways
+            counters.num_steps += layer == 0
 
 
 class ExpertParallelExecutor(BaseExperts):

@@ -11,7 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from moe_serve.cluster.async_engine import AsyncEngine
-from moe_serve.cluster.replica_engine import ReplicaConfig, ReplicaEngine, StepInput, StepOutput
+from moe_serve.cluster.replica_engine import (
+    ReplicaConfig,
+    ReplicaEngine,
+    ReplicaStats,
+    StepInput,
+    StepOutput,
+)
 from moe_serve.cluster.shard import ExpertShard
 from moe_serve.cluster.shard_group import ShardLauncher, ShardSpec
 from moe_serve.cluster.transport import CollectiveTransport, TransportError
@@ -79,7 +85,7 @@ class LocalEngineHandle:
     async def idle(self) -> None:
         await self._call(self.engine.idle)
 
-    async def stats(self) -> dict:
+    async def stats(self) -> ReplicaStats:
         return await self._call(self.engine.stats)
 
     async def shutdown(self) -> None:

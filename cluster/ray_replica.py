@@ -14,7 +14,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from moe_serve.cluster.async_engine import AsyncEngine
 from moe_serve.cluster.params import RequestLimits
-from moe_serve.cluster.replica_engine import ReplicaConfig, ReplicaEngine, StepInput, StepOutput
+from moe_serve.cluster.replica_engine import (
+    ReplicaConfig,
+    ReplicaEngine,
+    ReplicaStats,
+    StepInput,
+    StepOutput,
+)
 from moe_serve.cluster.shard import ExpertShard
 from moe_serve.cluster.shard_group import ShardLauncher, ShardSpec
 from moe_serve.cluster.transport import CollectiveTransport, local_ip
@@ -165,7 +171,7 @@ class EngineActor:
     def idle(self) -> None:
         self.engine.idle()
 
-    def stats(self) -> dict:
+    def stats(self) -> ReplicaStats:
         return self.engine.stats()
 
     def parameter_summaries(self) -> list[dict]:
@@ -200,7 +206,7 @@ class RayEngineHandle:
     async def idle(self) -> None:
         await self.actor.idle.remote()
 
-    async def stats(self) -> dict:
+    async def stats(self) -> ReplicaStats:
         return await self.actor.stats.remote()
 
     async def shutdown(self) -> None:

@@ -14,13 +14,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moe_serve.cluster.engine_core import EngineConfig, EngineCore
+from moe_serve.cluster.engine_core import EngineConfig, EngineCore, EngineStats
 from moe_serve.cluster.expert_parallel import Dispatcher, ShardFailure, install_expert_parallel
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import RequestError, SamplingParams
 from moe_serve.cluster.placement import ExpertPlacement, Strategy
 from moe_serve.cluster.shard import is_mlp_expert
-from moe_serve.cluster.shard_group import RebuildPolicy, ShardGroup, ShardLauncher, ShardSpec
+from moe_serve.cluster.shard_group import (
+    RebuildPolicy,
+    ShardGroup,
+    ShardGroupStats,
+    ShardLauncher,
+    ShardSpec,
+)
 from moe_serve.models.registry import load_model
 from moe_serve.models.tokenizer import TextTokenizer
 
@@ -60,6 +66,14 @@ class StepOutput:
     rejected: dict[str, str]  # request id -> why it was refused (nothing was done)
     failed: dict[str, str]  # request id -> why it died in flight (e.g. a shard failed)
     has_unfinished: bool
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """What a replica reports (to metrics and its health check); crosses Ray."""
+
+    core: EngineStats
+    shards: ShardGroupStats = field(default_factory=ShardGroupStats)  # default: no shards
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,11 +158,10 @@ class ReplicaEngine:
             self.shards.ping()
             self.shards.try_rebuild()
 
-    def stats(self) -> dict:
-        stats = dict(self.core.stats(), num_rebuilds=0, num_rebuild_failures=0)
-        if self.shards is not None:
-            stats |= self.shards.stats()
-        return stats
+    def stats(self) -> ReplicaStats:
+        if self.shards is None:
+            return ReplicaStats(self.core.stats())
+        return ReplicaStats(self.core.stats(), self.shards.stats())
 
     def shutdown(self) -> None:
         """Tell the shards to stop and tear them down."""

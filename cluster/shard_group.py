@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_serve.cluster.expert_parallel import Dispatcher, ShardFailure
+from moe_serve.cluster.expert_parallel import Dispatcher, DispatchStats, ShardFailure
 from moe_serve.cluster.placement import ExpertPlacement
 from moe_serve.cluster.transport import CollectiveTransport, Rendezvous, local_ip
 
@@ -53,6 +53,17 @@ class ShardLauncher(ABC):
     @abstractmethod
     def parameter_summaries(self) -> list[dict[str, tuple[int, ...]]]:
         """Each shard's materialised parameters and their shapes."""
+
+
+@dataclass(frozen=True)
+class ShardGroupStats:
+    """A replica's expert shards; the defaults are a replica without any."""
+
+    num_rebuilds: int = 0
+    num_rebuild_failures: int = 0  # every failed rebuild, not only those in a row
+    shards_down: str | None = None  # why the shards are down; None while they serve
+    has_given_up: bool = False  # the replica is unhealthy (Serve replaces it)
+    dispatch: DispatchStats | None = None
 
 
 @dataclass(frozen=True)
@@ -148,14 +159,14 @@ class ShardGroup:
         except ShardFailure as exc:
             self.lose(exc)
 
-    def stats(self) -> dict:
-        return {
-            "num_rebuilds": self.num_rebuilds,
-            "num_rebuild_failures": self.num_rebuild_failures,
-            "shards_down": self.down_reason,
-            "has_given_up": self.has_given_up,
-            "dispatch": self.dispatcher.stats.snapshot(),
-        }
+    def stats(self) -> ShardGroupStats:
+        return ShardGroupStats(
+            self.num_rebuilds,
+            self.num_rebuild_failures,
+            self.down_reason,
+            self.has_given_up,
+            self.dispatcher.counters.snapshot(),
+        )
 
     def shutdown(self) -> None:
         """Tell the shards to stop and tear them down."""

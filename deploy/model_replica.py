@@ -14,6 +14,7 @@ from ray import serve
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import SamplingParams
 from moe_serve.cluster.ray_replica import create_ray_replica
+from moe_serve.cluster.replica_engine import ReplicaStats
 from moe_serve.deploy.config import ModelConfig
 from moe_serve.models.source import resolve_source
 
@@ -36,7 +37,7 @@ class ModelReplica:
             create_ray_replica, replica, engine_options, shard_options, resources.torch_threads
         )
         self.hub, self.replica_id = hub, serve.get_replica_context().replica_id.unique_id
-        self.stats: dict = {}  # the engine's latest (every STATS_PERIOD_S)
+        self.stats: ReplicaStats | None = None  # the engine's latest (every STATS_PERIOD_S)
         self.front.start()
         self._reporter = asyncio.get_running_loop().create_task(self._report())
 
@@ -54,8 +55,8 @@ class ModelReplica:
         busy for as long as a shard rebuild takes."""
         if self.front.error is not None:
             raise RuntimeError(f"the engine actor failed: {self.front.error}")
-        if self.stats.get("has_given_up"):
-            raise RuntimeError(f"gave up on its expert shards: {self.stats['shards_down']}")
+        if self.stats is not None and self.stats.shards.has_given_up:
+            raise RuntimeError(f"gave up on its expert shards: {self.stats.shards.shards_down}")
 
     async def actor_pids(self) -> dict:
         """The engine actor's and its shards' process ids (tests, debugging)."""

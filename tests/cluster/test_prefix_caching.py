@@ -44,7 +44,7 @@ def on_and_off(path, waves, **config):
     for engine in engines:
         assert_accounting(engine.blocks, [])
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    assert engines[1].stats()["prefix_cache_hits"] == 0
+    assert engines[1].stats().prefix_cache_hits == 0
     return engines[0]
 
 
@@ -60,7 +60,7 @@ def test_greedy_outputs_are_the_same_with_prefix_caching_on_and_off(arch_path):
     waves = [[p] for p in prompts[::4]] + [prompts]
     engine = on_and_off(arch_path, waves)
     stats = engine.stats()
-    assert stats["prefix_cache_hits"] > stats["prefix_cache_queries"] // 3
+    assert stats.prefix_cache_hits > stats.prefix_cache_queries // 3
 
 
 def test_same_after_eviction_and_preemption(arch_path):
@@ -71,7 +71,7 @@ def test_same_after_eviction_and_preemption(arch_path):
         arch_path, waves, num_kv_blocks=20, max_model_len=64, max_num_batched_tokens=16
     )
     assert engine.blocks.num_evictions > 0 and engine.scheduler.num_preemptions > 0
-    assert engine.stats()["prefix_cache_hits"] > 0
+    assert engine.stats().prefix_cache_hits > 0
 
 
 def test_prompt_logprobs_are_computed_not_cached(arch_path):
@@ -106,11 +106,11 @@ def test_cached_tokens_are_the_full_blocks_of_the_shared_prefix(tiny_dirs):
     assert num_cached(engine, [*prefix, 50], greedy(max_tokens=2, prompt_logprobs=1)) == 0
     assert num_cached(engine, list(range(31, 45))) == 0  # shifted by one: another chain
     stats = engine.stats()
-    assert stats["prefix_cache_queries"] == 13 + 12 + 13 + 12 + 11 + 14
-    assert stats["prefix_cache_hits"] == 8 + 12 + 8
+    assert stats.prefix_cache_queries == 13 + 12 + 13 + 12 + 11 + 14
+    assert stats.prefix_cache_hits == 8 + 12 + 8
     off = make_engine(tiny_dirs["olmoe"], block_size=4, enable_prefix_caching=False)
     num_cached(off, [*prefix, 1])
-    assert num_cached(off, [*prefix, 1]) == 0 and off.stats()["prefix_cache_queries"] == 0
+    assert num_cached(off, [*prefix, 1]) == 0 and off.stats().prefix_cache_queries == 0
 
 
 def test_n_samples_share_the_prompt_blocks(tiny_dirs):
@@ -123,8 +123,8 @@ def test_n_samples_share_the_prompt_blocks(tiny_dirs):
         stats.append(engine.stats())
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     assert results[0].token_ids == results[1].token_ids and len(results[0].token_ids) == 3
-    assert (stats[0]["prefix_cache_queries"], stats[0]["prefix_cache_hits"]) == (3 * 13, 2 * 12)
-    assert (stats[1]["prefix_cache_queries"], stats[1]["prefix_cache_hits"]) == (0, 0)
+    assert (stats[0].prefix_cache_queries, stats[0].prefix_cache_hits) == (3 * 13, 2 * 12)
+    assert (stats[1].prefix_cache_queries, stats[1].prefix_cache_hits) == (0, 0)
 
 
 def test_no_block_leaks_with_hits_aborts_preemptions_and_evictions(tiny_dirs):
@@ -158,7 +158,7 @@ def test_no_block_leaks_with_hits_aborts_preemptions_and_evictions(tiny_dirs):
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     assert not engine.requests and not engine.owner and not engine.held
     assert engine.scheduler.num_preemptions > 0 and engine.blocks.num_evictions > 0
-    assert engine.stats()["prefix_cache_hits"] > 0
+    assert engine.stats().prefix_cache_hits > 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -172,7 +172,7 @@ def test_expert_parallel_outputs_are_the_same_with_prefix_caching_on_and_off(tin
         replica = ReplicaEngine(config, ThreadShardLauncher())
         try:
             outputs.append(run_waves(replica.core, waves))
-            hits.append(replica.stats()["prefix_cache_hits"])
+            hits.append(replica.stats().core.prefix_cache_hits)
         finally:
             replica.shutdown()
     assert outputs[0] == outputs[1]
