@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_serve.cluster.placement import ExpertPlacement
+from moe_serve.cluster.runner import ModelRunner
 from moe_serve.cluster.shard import Command, pack_rows, payload_row_bytes
 from moe_serve.cluster.transport import CollectiveTransport, TransportError
 from moe_serve.models.base import MoeForCausalLM
@@ -20,6 +21,13 @@ from moe_serve.models.moe import BaseExperts
 
 class ShardFailure(RuntimeError):
     """An expert shard of this replica died, hung or could not be reached."""
+
+
+def _step_failure(exc: TransportError) -> ShardFailure:
+    return ShardFailure(
+        f"an expert shard of this replica failed or timed out; the "
+        f"replica is restarting its shards ({exc})"
+    )
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,16 @@ class Dispatcher:
     def stop(self) -> None:
         self._send_header(Command.STOP)
 
+    def begin_step(self) -> None:
+        """Open a step on the shards, before each forward pass: they then take one round of
+        all-to-alls per MoE layer, in layer order."""
+        try:
+            self._send_header(Command.STEP)
+        except TransportError as exc:
+            raise _step_failure(exc) from exc
+        with self.counters.lock:
+            self.counters.num_steps += 1
+
     def dispatch(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -95,14 +113,9 @@ class Dispatcher:
         try:
             return self._dispatch(layer, hidden, topk_ids, topk_weights)
         except TransportError as exc:
-            raise ShardFailure(
-                f"an expert shard of this replica failed or timed out; the "
-                f"replica is restarting its shards ({exc})"
-            ) from exc
+            raise _step_failure(exc) from exc
 
     def _dispatch(self, layer, hidden, topk_ids, topk_weights):
-        if layer == 0:  # NOTE: the first MoE layer of a forward opens the step
-            self._send_header(Command.STEP)
         transport = self.transport
         shard_of = self.shard_of[topk_ids]  # [T, K]
         token_ids = [
@@ -129,7 +142,6 @@ class Dispatcher:
             )
             counters.bytes_received += rows * row_bytes
             counters.min_bytes += 2 * rows * row_bytes  # NOTE: tokens x distinct shards, both ways
-            counters.num_steps += layer == 0
 
 
 class ExpertParallelExecutor(BaseExperts):
@@ -143,7 +155,9 @@ class ExpertParallelExecutor(BaseExperts):
         return self.dispatcher.dispatch(self.layer, hidden, topk_ids, topk_weights)
 
 
-def install_expert_parallel(model: MoeForCausalLM, dispatcher: Dispatcher) -> None:
-    """Replace every MoE layer's experts with the expert-parallel executor."""
-    for layer, block in enumerate(model.moe_blocks()):
+def install_expert_parallel(runner: ModelRunner, dispatcher: Dispatcher) -> None:
+    """Replace every MoE layer's experts with the expert-parallel executor, and open a step on
+    the shards before each of the runner's forward passes."""
+    for layer, block in enumerate(runner.model.moe_blocks()):
         block.experts = ExpertParallelExecutor(dispatcher, layer)
+    runner.step_hook = dispatcher.begin_step

@@ -114,7 +114,7 @@ class ReplicaEngine:
             )
             self.launcher = launcher
             self.dispatcher = Dispatcher(placement, model)
-            install_expert_parallel(model, self.dispatcher)
+            install_expert_parallel(self.core.runner, self.dispatcher)
             spec = ShardSpec(
                 config.checkpoint, config.dtype, self.device.type, config.collective_timeout_s
             )
