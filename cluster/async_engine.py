@@ -17,7 +17,13 @@ from typing import Protocol
 
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import RequestError, RequestLimits, SamplingParams
-from moe_serve.cluster.replica_engine import NewRequest, ReplicaStats, StepInput, StepOutput
+from moe_serve.cluster.replica_engine import (
+    NewRequest,
+    ReplicaConfig,
+    ReplicaStats,
+    StepInput,
+    StepOutput,
+)
 
 log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 2
@@ -44,7 +50,10 @@ class AsyncEngine:
     work; a consumer that stops iterating (or is cancelled) aborts its request."""
 
     def __init__(
-        self, handle: EngineHandle, limits: RequestLimits, idle_tick_s: float = 1.0
+        self,
+        handle: EngineHandle,
+        limits: RequestLimits,
+        idle_tick_s: float = ReplicaConfig.idle_ping_s,
     ) -> None:
         self.handle, self.limits, self.idle_tick_s = handle, limits, idle_tick_s
         self._queues: dict[str, asyncio.Queue] = {}

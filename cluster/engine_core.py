@@ -31,14 +31,15 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 class EngineConfig:
     """Capacity and batching limits of one replica."""
 
+    # NOTE: the batching defaults are the scheduler's, which applies them (one place each)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = SchedulerConfig.max_num_seqs
+    max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens
     block_size: int = 16
     num_kv_blocks: int | None = None  # wins over kv_cache_bytes
     kv_cache_bytes: int | None = None  # default: DEFAULT_KV_CACHE_BYTES, capped at what
     # max_num_seqs sequences of max_model_len tokens can use
-    enable_chunked_prefill: bool = True
+    enable_chunked_prefill: bool = SchedulerConfig.enable_chunked_prefill
     enable_prefix_caching: bool = True  # reuse computed KV blocks of a prompt's cached prefix
 
     def __post_init__(self) -> None:

@@ -41,8 +41,8 @@ class ReplicaConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     collective_timeout_s: float = 30.0  # every collective, and the shards' join
     idle_ping_s: float = 1.0  # keepalive to idle shards (detects a dead shard while idle)
-    max_rebuild_failures: int = 3  # failed shard rebuilds in a row before giving up (unhealthy)
-    rebuild_backoff_s: float = 2.0  # wait after a failed rebuild; doubles after each one
+    max_rebuild_failures: int = RebuildPolicy.max_failures  # in a row; then unhealthy
+    rebuild_backoff_s: float = RebuildPolicy.backoff_s  # after a failed rebuild; then doubles
 
 
 @dataclass(frozen=True)
