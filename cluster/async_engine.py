@@ -1,8 +1,8 @@
-"""The asyncio front of a replica: streams requests through an engine core one step at a time.
+"""The asyncio front of a replica: streams requests through its engine one step at a time.
 
 New requests and aborts collected between steps travel with the next `StepInput`; each
-`StepOutput` is routed to the requests' queues. The core is in-process (`LocalCore`, one worker
-thread) or a Ray actor (`cluster.actors.RayCore`).
+`StepOutput` is routed to the requests' queues. The engine is reached through an `EngineHandle`:
+in this process (`cluster/local_replica.py`) or in a Ray actor (`cluster/ray_replica.py`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,17 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from moe_serve.cluster.core import EngineCore, NewRequest, StepInput, StepOutput
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import RequestError, RequestLimits, SamplingParams
+from moe_serve.cluster.replica_engine import (
+    NewRequest,
+    ReplicaConfig,
+    ReplicaStats,
+    StepInput,
+    StepOutput,
+)
 
 log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 2
@@ -28,56 +33,36 @@ class EngineStepError(RuntimeError):
     """The engine failed while this request was in flight (e.g. an expert shard died)."""
 
 
-class CoreHandle(Protocol):
-    """How the front reaches its engine core."""
+class EngineHandle(Protocol):
+    """How the front reaches its replica's engine (`ReplicaEngine`), in this process or not."""
 
     async def step(self, message: StepInput) -> StepOutput: ...
 
     async def idle(self) -> None: ...
 
-    async def stats(self) -> dict: ...
+    async def stats(self) -> ReplicaStats: ...
 
     async def shutdown(self) -> None: ...
 
 
-class LocalCore:
-    """An in-process core, run on one worker thread (tests, tools). On CPU, prefer the Ray
-    actor: see the note in `cluster/core.py`."""
-
-    def __init__(self, core: EngineCore) -> None:
-        self.core = core
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine-core")
-
-    async def _call(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    async def step(self, message: StepInput) -> StepOutput:
-        return await self._call(self.core.step, message)
-
-    async def idle(self) -> None:
-        await self._call(self.core.idle)
-
-    async def stats(self) -> dict:
-        return await self._call(self.core.stats)
-
-    async def shutdown(self) -> None:
-        await self._call(self.core.shutdown)
-        self.executor.shutdown(wait=False)
-
-
 class AsyncEngine:
-    """Request streams over a core. Invalid requests raise RequestError before any work; a
-    consumer that stops iterating (or is cancelled) aborts its request."""
+    """Request streams over a replica's engine. Invalid requests raise RequestError before any
+    work; a consumer that stops iterating (or is cancelled) aborts its request."""
 
-    def __init__(self, core: CoreHandle, limits: RequestLimits, idle_tick_s: float = 1.0) -> None:
-        self.core, self.limits, self.idle_tick_s = core, limits, idle_tick_s
+    def __init__(
+        self,
+        handle: EngineHandle,
+        limits: RequestLimits,
+        idle_tick_s: float = ReplicaConfig.idle_ping_s,
+    ) -> None:
+        self.handle, self.limits, self.idle_tick_s = handle, limits, idle_tick_s
         self._queues: dict[str, asyncio.Queue] = {}
         self._new: list[NewRequest] = []
         self._aborts: list[str] = []
         self._has_unfinished = False
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self.error: BaseException | None = None  # set when the core itself died
+        self.error: BaseException | None = None  # set when the engine itself died
 
     @property
     def num_in_flight(self) -> int:
@@ -137,7 +122,7 @@ class AsyncEngine:
         return bool(self._new or self._aborts or self._has_unfinished)
 
     async def _run(self) -> None:
-        # NOTE: PIPELINE_DEPTH steps stay queued on the core, so it never idles while this loop
+        # NOTE: PIPELINE_DEPTH steps stay queued on the engine, so it never idles while this loop
         # routes outputs or a call travels (measured: the served engine idled ~1/3 otherwise).
         pending: deque[asyncio.Future] = deque()
         try:
@@ -146,12 +131,12 @@ class AsyncEngine:
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), self.idle_tick_s)
                     except TimeoutError:
-                        await self.core.idle()
+                        await self.handle.idle()
                     self._wakeup.clear()
                     continue
                 while len(pending) < PIPELINE_DEPTH and (self._has_work() or not pending):
                     pending.append(
-                        asyncio.ensure_future(self.core.step(StepInput(self._new, self._aborts)))
+                        asyncio.ensure_future(self.handle.step(StepInput(self._new, self._aborts)))
                     )
                     self._new, self._aborts = [], []
                 self._route(await pending.popleft())
@@ -160,7 +145,7 @@ class AsyncEngine:
                 future.cancel()
 
     def _on_driver_exit(self, task: asyncio.Task) -> None:
-        """The driver only ends by cancellation (shutdown) or when the core itself failed:
+        """The driver only ends by cancellation (shutdown) or when the engine itself failed:
         then every stream gets the error and the replica reports itself unhealthy."""
         if task.cancelled() or task.exception() is None:
             return
@@ -190,8 +175,8 @@ class AsyncEngine:
         self._new, self._aborts, self._has_unfinished = [], [], False
 
     async def shutdown(self) -> None:
-        """Fail what is in flight, stop the driver, shut the core down."""
+        """Fail what is in flight, stop the driver, shut the engine down."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._fail_all(EngineStepError("the engine is shutting down"))
-        await self.core.shutdown()
+        await self.handle.shutdown()

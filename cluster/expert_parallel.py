@@ -7,10 +7,12 @@ Shapes: T tokens, K top-k, H hidden, E experts, N shards.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 
 from moe_serve.cluster.placement import ExpertPlacement
+from moe_serve.cluster.runner import ModelRunner
 from moe_serve.cluster.shard import Command, pack_rows, payload_row_bytes
 from moe_serve.cluster.transport import CollectiveTransport, TransportError
 from moe_serve.models.base import MoeForCausalLM
@@ -21,7 +23,25 @@ class ShardFailure(RuntimeError):
     """An expert shard of this replica died, hung or could not be reached."""
 
 
+def _step_failure(exc: TransportError) -> ShardFailure:
+    return ShardFailure(
+        f"an expert shard of this replica failed or timed out; the "
+        f"replica is restarting its shards ({exc})"
+    )
+
+
+@dataclass(frozen=True)
 class DispatchStats:
+    """What a replica's dispatcher moved since it started."""
+
+    expert_tokens: tuple[tuple[int, ...], ...]  # [layer][expert]: tokens routed there
+    bytes_sent: int  # payload rows to the shards
+    bytes_received: int  # results back
+    min_bytes: int  # tokens x distinct shards x H x bytes, both ways
+    num_steps: int
+
+
+class DispatchCounters:
     """Per-layer, per-expert routed token counts and bytes moved (read from any thread)."""
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
@@ -29,15 +49,15 @@ class DispatchStats:
         self.bytes_sent = self.bytes_received = self.min_bytes = self.num_steps = 0
         self.lock = threading.Lock()
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> DispatchStats:
         with self.lock:
-            return {
-                "expert_tokens": self.expert_tokens.tolist(),
-                "bytes_sent": self.bytes_sent,
-                "bytes_received": self.bytes_received,
-                "min_bytes": self.min_bytes,
-                "num_steps": self.num_steps,
-            }
+            return DispatchStats(
+                tuple(map(tuple, self.expert_tokens.tolist())),
+                self.bytes_sent,
+                self.bytes_received,
+                self.min_bytes,
+                self.num_steps,
+            )
 
 
 class Dispatcher:
@@ -52,7 +72,7 @@ class Dispatcher:
             cfg.hidden_size,
         )
         self.shard_of = torch.tensor(placement.shard_of, dtype=torch.long)
-        self.stats = DispatchStats(cfg.num_layers, cfg.num_experts)
+        self.counters = DispatchCounters(cfg.num_layers, cfg.num_experts)
         self.transport: CollectiveTransport | None = None
 
     def attach(self, transport: CollectiveTransport) -> None:
@@ -76,6 +96,16 @@ class Dispatcher:
     def stop(self) -> None:
         self._send_header(Command.STOP)
 
+    def begin_step(self) -> None:
+        """Open a step on the shards, before each forward pass: they then take one round of
+        all-to-alls per MoE layer, in layer order."""
+        try:
+            self._send_header(Command.STEP)
+        except TransportError as exc:
+            raise _step_failure(exc) from exc
+        with self.counters.lock:
+            self.counters.num_steps += 1
+
     def dispatch(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -83,14 +113,9 @@ class Dispatcher:
         try:
             return self._dispatch(layer, hidden, topk_ids, topk_weights)
         except TransportError as exc:
-            raise ShardFailure(
-                f"an expert shard of this replica failed or timed out; the "
-                f"replica is restarting its shards ({exc})"
-            ) from exc
+            raise _step_failure(exc) from exc
 
     def _dispatch(self, layer, hidden, topk_ids, topk_weights):
-        if layer == 0:  # NOTE: the first MoE layer of a forward opens the step
-            self._send_header(Command.STEP)
         transport = self.transport
         shard_of = self.shard_of[topk_ids]  # [T, K]
         token_ids = [
@@ -108,17 +133,15 @@ class Dispatcher:
 
     def _count(self, layer: int, topk_ids: torch.Tensor, rows: int, hidden: torch.Tensor) -> None:
         row_bytes = self.hidden_size * hidden.element_size()
-        routed = torch.bincount(topk_ids.flatten(), minlength=self.stats.expert_tokens.shape[1])
-        with self.stats.lock:
-            self.stats.expert_tokens[layer] += routed.cpu()
-            self.stats.bytes_sent += rows * payload_row_bytes(
+        counters = self.counters
+        routed = torch.bincount(topk_ids.flatten(), minlength=counters.expert_tokens.shape[1])
+        with counters.lock:
+            counters.expert_tokens[layer] += routed.cpu()
+            counters.bytes_sent += rows * payload_row_bytes(
                 self.hidden_size, hidden.dtype, self.top_k
             )
-            self.stats.bytes_received += rows * row_bytes
-            self.stats.min_bytes += (
-                2 * rows * row_bytes
-            )  # NOTE: tokens x distinct shards, both ways
-            self.stats.num_steps += layer == 0
+            counters.bytes_received += rows * row_bytes
+            counters.min_bytes += 2 * rows * row_bytes  # NOTE: tokens x distinct shards, both ways
 
 
 class ExpertParallelExecutor(BaseExperts):
@@ -132,7 +155,9 @@ class ExpertParallelExecutor(BaseExperts):
         return self.dispatcher.dispatch(self.layer, hidden, topk_ids, topk_weights)
 
 
-def install_expert_parallel(model: MoeForCausalLM, dispatcher: Dispatcher) -> None:
-    """Replace every MoE layer's experts with the expert-parallel executor."""
-    for layer, block in enumerate(model.moe_blocks()):
+def install_expert_parallel(runner: ModelRunner, dispatcher: Dispatcher) -> None:
+    """Replace every MoE layer's experts with the expert-parallel executor, and open a step on
+    the shards before each of the runner's forward passes."""
+    for layer, block in enumerate(runner.model.moe_blocks()):
         block.experts = ExpertParallelExecutor(dispatcher, layer)
+    runner.step_hook = dispatcher.begin_step

@@ -3,6 +3,7 @@ logits the sampler needs. Shapes: T tokens this step, S sampling sequences, V vo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,9 @@ def kv_cache_bytes_per_block(model: MoeForCausalLM, block_size: int) -> int:
 
 
 class ModelRunner:
+    """Runs the model over the paged cache, one scheduled batch per step. `step_hook`, when
+    set, is called before each forward pass (expert parallelism opens the shards' step)."""
+
     def __init__(self, model: MoeForCausalLM, num_blocks: int, block_size: int) -> None:
         cfg = model.config
         param = model.materialised
@@ -40,6 +44,7 @@ class ModelRunner:
             param.dtype,
             param.device,
         )
+        self.step_hook: Callable[[], None] | None = None
 
     def _flatten(self, batch: list[ScheduledSeq]):
         input_ids: list[int] = []
@@ -65,6 +70,8 @@ class ModelRunner:
         """Run one step. Rows for prompt logprobs are computed for sequences in
         `prompt_logprob_ids` while their chunk lies in the prompt."""
         input_ids, positions, meta = self._flatten(batch)
+        if self.step_hook is not None:
+            self.step_hook()
         hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [T, H]
         ends, offset = [], 0
         prompt: dict[int, torch.Tensor] = {}

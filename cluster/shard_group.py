@@ -4,22 +4,66 @@ the requests in flight fail without waiting for anything), rebuilt on the next s
 tick, with backoff after a failed rebuild, and given up after `max_rebuild_failures` failed
 rebuilds in a row: the replica then reports itself unhealthy and Serve replaces the whole gang.
 While the shards are down, new requests fail at once (503) instead of waiting for a rebuild.
+Where the shards run (Ray actors, or threads) is up to the group's `ShardLauncher`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from moe_serve.cluster.expert_parallel import Dispatcher, ShardFailure
-from moe_serve.cluster.launchers import ShardLauncher, ShardSpec
+from moe_serve.cluster.expert_parallel import Dispatcher, DispatchStats, ShardFailure
 from moe_serve.cluster.placement import ExpertPlacement
 from moe_serve.cluster.transport import CollectiveTransport, Rendezvous, local_ip
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What every shard of a replica loads and how it joins the group."""
+
+    checkpoint: str
+    dtype: str | None
+    device: str  # "cpu" or "cuda"
+    timeout_s: float  # every collective, and joining the group
+    load_timeout_s: float = 900.0  # loading the weights
+
+
+class ShardLauncher(ABC):
+    """Owns the shards of one replica (ranks 1..N of its group): Ray actors
+    (`cluster/ray_replica.py`) or threads of this process (`cluster/local_replica.py`)."""
+
+    @abstractmethod
+    def start(
+        self, spec: ShardSpec, shard_expert_ids: Sequence[tuple[int, ...]], host: str, port: int
+    ) -> None:
+        """Load the shards (errors surface here), then let them join the group at host:port
+        and serve; returns without waiting for the join (rank 0 joins next)."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Tear every shard down (no process or thread left behind)."""
+
+    @abstractmethod
+    def parameter_summaries(self) -> list[dict[str, tuple[int, ...]]]:
+        """Each shard's materialised parameters and their shapes."""
+
+
+@dataclass(frozen=True)
+class ShardGroupStats:
+    """A replica's expert shards; the defaults are a replica without any."""
+
+    num_rebuilds: int = 0
+    num_rebuild_failures: int = 0  # every failed rebuild, not only those in a row
+    shards_down: str | None = None  # why the shards are down; None while they serve
+    has_given_up: bool = False  # the replica is unhealthy (Serve replaces it)
+    dispatch: DispatchStats | None = None
 
 
 @dataclass(frozen=True)
@@ -115,14 +159,14 @@ class ShardGroup:
         except ShardFailure as exc:
             self.lose(exc)
 
-    def stats(self) -> dict:
-        return {
-            "num_rebuilds": self.num_rebuilds,
-            "num_rebuild_failures": self.num_rebuild_failures,
-            "shards_down": self.down_reason,
-            "has_given_up": self.has_given_up,
-            "dispatch": self.dispatcher.stats.snapshot(),
-        }
+    def stats(self) -> ShardGroupStats:
+        return ShardGroupStats(
+            self.num_rebuilds,
+            self.num_rebuild_failures,
+            self.down_reason,
+            self.has_given_up,
+            self.dispatcher.counters.snapshot(),
+        )
 
     def shutdown(self) -> None:
         """Tell the shards to stop and tear them down."""

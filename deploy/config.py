@@ -18,8 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moe_serve.cluster.core import ReplicaConfig
-from moe_serve.cluster.engine import EngineConfig
+from moe_serve.cluster.engine_core import EngineConfig
+from moe_serve.cluster.replica_engine import ReplicaConfig
 from moe_serve.deploy.limits import LimitsConfig
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"
@@ -92,20 +92,20 @@ class ServedModelConfig(Strict):
     source: str = Field(min_length=1)  # a local checkpoint directory or a hub id
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    expert_parallel_size: int = Field(1, ge=1)
-    placement: Literal["contiguous", "round_robin"] = "contiguous"
+    device: Literal["auto", "cpu", "cuda"] = ReplicaConfig.device
+    expert_parallel_size: int = Field(ReplicaConfig.expert_parallel_size, ge=1)
+    placement: Literal["contiguous", "round_robin"] = ReplicaConfig.placement
     max_model_len: int | None = Field(None, ge=2)
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=16)
-    block_size: int = Field(16, ge=1, le=256)
+    max_num_seqs: int = Field(EngineConfig.max_num_seqs, ge=1)
+    max_num_batched_tokens: int = Field(EngineConfig.max_num_batched_tokens, ge=16)
+    block_size: int = Field(EngineConfig.block_size, ge=1, le=256)
     kv_cache_blocks: int | None = Field(None, ge=1)
     kv_cache_memory_gb: float | None = Field(None, gt=0)
-    enable_prefix_caching: bool = True  # reuse cached KV blocks of shared prompt prefixes
+    enable_prefix_caching: bool = EngineConfig.enable_prefix_caching  # reuse shared prefixes
     max_queued_requests: int = Field(64, ge=1)  # beyond: 429 / RESOURCE_EXHAUSTED at once
-    collective_timeout_s: float = Field(30.0, gt=0)
-    max_rebuild_failures: int = Field(3, ge=1)  # in a row; then the replica reports unhealthy
-    rebuild_backoff_s: float = Field(2.0, gt=0)  # after a failed shard rebuild; doubles each time
+    collective_timeout_s: float = Field(ReplicaConfig.collective_timeout_s, gt=0)
+    max_rebuild_failures: int = Field(ReplicaConfig.max_rebuild_failures, ge=1)  # in a row
+    rebuild_backoff_s: float = Field(ReplicaConfig.rebuild_backoff_s, gt=0)  # then doubles
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     resources: ResourcesConfig = ResourcesConfig()
 

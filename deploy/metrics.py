@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ray import serve
 
 from moe_serve.cluster.outputs import RequestOutput
+from moe_serve.cluster.replica_engine import ReplicaStats
 from moe_serve.deploy.access_log import AccessRecord
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -21,9 +22,9 @@ class MetricsHub:
     """The latest engine stats of every model replica (replicas push every few seconds)."""
 
     def __init__(self) -> None:
-        self.latest: dict[tuple[str, str], tuple[float, dict]] = {}
+        self.latest: dict[tuple[str, str], tuple[float, ReplicaStats]] = {}
 
-    def report(self, model: str, replica: str, stats: dict) -> None:
+    def report(self, model: str, replica: str, stats: ReplicaStats) -> None:
         self.latest[(model, replica)] = (time.monotonic(), stats)
 
     def model_health(self, within_s: float) -> dict[str, dict]:
@@ -35,13 +36,13 @@ class MetricsHub:
             if at < cutoff:
                 continue
             entry = health.setdefault(model, {"ready": 0, "degraded": {}})
-            if stats.get("shards_down"):
-                entry["degraded"][replica] = stats["shards_down"]
+            if stats.shards.shards_down:
+                entry["degraded"][replica] = stats.shards.shards_down
             else:
                 entry["ready"] += 1
         return health
 
-    def snapshot(self) -> list[tuple[str, str, dict]]:
+    def snapshot(self) -> list[tuple[str, str, ReplicaStats]]:
         """Stats of the replicas heard from in the last STALE_AFTER_S seconds."""
         cutoff = time.monotonic() - STALE_AFTER_S
         self.latest = {k: v for k, v in self.latest.items() if v[0] >= cutoff}
@@ -71,7 +72,7 @@ class ReplicaCollector:
     """Renders the hub's snapshot (set before each scrape) as metric families."""
 
     def __init__(self) -> None:
-        self.snapshot: list[tuple[str, str, dict]] = []
+        self.snapshot: list[tuple[str, str, ReplicaStats]] = []
 
     def collect(self):
         labels = ["model", "replica"]
@@ -87,23 +88,24 @@ class ReplicaCollector:
         )
         for model, replica, stats in self.snapshot:
             key = [model, replica]
-            gauges["num_requests_running"].add_metric(key, stats["num_running"])
-            gauges["num_requests_waiting"].add_metric(key, stats["num_waiting"])
-            gauges["kv_cache_usage_ratio"].add_metric(key, stats["kv_usage"])
-            counters["preemptions"].add_metric(key, stats["num_preemptions"])
-            counters["shard_rebuilds"].add_metric(key, stats["num_rebuilds"])
-            counters["shard_rebuild_failures"].add_metric(key, stats["num_rebuild_failures"])
-            counters["engine_steps"].add_metric(key, stats["num_steps"])
-            counters["prefix_cache_queries"].add_metric(key, stats["prefix_cache_queries"])
-            counters["prefix_cache_hits"].add_metric(key, stats["prefix_cache_hits"])
-            dispatch = stats.get("dispatch")
-            if dispatch:
-                for layer, row in enumerate(dispatch["expert_tokens"]):
+            core, shards = stats.core, stats.shards
+            gauges["num_requests_running"].add_metric(key, core.num_running)
+            gauges["num_requests_waiting"].add_metric(key, core.num_waiting)
+            gauges["kv_cache_usage_ratio"].add_metric(key, core.kv_usage)
+            counters["preemptions"].add_metric(key, core.num_preemptions)
+            counters["shard_rebuilds"].add_metric(key, shards.num_rebuilds)
+            counters["shard_rebuild_failures"].add_metric(key, shards.num_rebuild_failures)
+            counters["engine_steps"].add_metric(key, core.num_steps)
+            counters["prefix_cache_queries"].add_metric(key, core.prefix_cache_queries)
+            counters["prefix_cache_hits"].add_metric(key, core.prefix_cache_hits)
+            dispatch = shards.dispatch
+            if dispatch is not None:
+                for layer, row in enumerate(dispatch.expert_tokens):
                     for expert, count in enumerate(row):
                         experts.add_metric([*key, str(layer), str(expert)], count)
-                moved.add_metric([*key, "sent"], dispatch["bytes_sent"])
-                moved.add_metric([*key, "received"], dispatch["bytes_received"])
-                moved.add_metric([*key, "minimum"], dispatch["min_bytes"])
+                moved.add_metric([*key, "sent"], dispatch.bytes_sent)
+                moved.add_metric([*key, "received"], dispatch.bytes_received)
+                moved.add_metric([*key, "minimum"], dispatch.min_bytes)
         yield from gauges.values()
         yield from counters.values()
         yield experts
@@ -213,6 +215,6 @@ class GatewayMetrics:
     def count(self, model: str, api: str, status: int) -> None:
         self.requests.labels(model, api, str(status)).inc()
 
-    def render(self, snapshot: list[tuple[str, str, dict]]) -> bytes:
+    def render(self, snapshot: list[tuple[str, str, ReplicaStats]]) -> bytes:
         self.replicas.snapshot = snapshot
         return generate_latest(self.registry)

@@ -1,6 +1,6 @@
 """ModelReplica: one Serve replica per gang (its engine actor in bundle 0, its expert shards in
-bundles 1..N), autoscaled by Serve. A thin async front: the engine core runs in the engine
-actor (see `cluster/core.py` for why)."""
+bundles 1..N), autoscaled by Serve. A thin async front: the replica's engine runs in the
+engine actor (see `cluster/replica_engine.py` for why)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from ray import serve
 
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import SamplingParams
-from moe_serve.cluster.replica import create_ray_replica
+from moe_serve.cluster.ray_replica import create_ray_replica
+from moe_serve.cluster.replica_engine import ReplicaStats
 from moe_serve.deploy.config import ServedModelConfig
 from moe_serve.models.source import resolve_source
 
@@ -36,7 +37,7 @@ class ModelReplica:
             create_ray_replica, replica, engine_options, shard_options, resources.torch_threads
         )
         self.hub, self.replica_id = hub, serve.get_replica_context().replica_id.unique_id
-        self.stats: dict = {}  # the engine's latest (every STATS_PERIOD_S)
+        self.stats: ReplicaStats | None = None  # the engine's latest (every STATS_PERIOD_S)
         self.front.start()
         self._reporter = asyncio.get_running_loop().create_task(self._report())
 
@@ -54,18 +55,18 @@ class ModelReplica:
         busy for as long as a shard rebuild takes."""
         if self.front.error is not None:
             raise RuntimeError(f"the engine actor failed: {self.front.error}")
-        if self.stats.get("has_given_up"):
-            raise RuntimeError(f"gave up on its expert shards: {self.stats['shards_down']}")
+        if self.stats is not None and self.stats.shards.has_given_up:
+            raise RuntimeError(f"gave up on its expert shards: {self.stats.shards.shards_down}")
 
     async def actor_pids(self) -> dict:
         """The engine actor's and its shards' process ids (tests, debugging)."""
-        return await self.front.core.actor.pids.remote()
+        return await self.front.handle.actor.pids.remote()
 
     async def _report(self) -> None:
         while True:
             if self.front.error is None:  # NOTE: a dead engine stops reporting: not ready
                 try:
-                    self.stats = await self.front.core.stats()
+                    self.stats = await self.front.handle.stats()
                     await self.hub.report.remote(self.config.name, self.replica_id, self.stats)
                 except Exception as exc:  # NOTE: metrics must never take serving down
                     log.warning("could not report engine stats: %s", exc)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from moe_serve.cluster.engine import Engine, EngineConfig
+from moe_serve.cluster.engine_core import EngineConfig, EngineCore
 from moe_serve.cluster.params import SamplingParams
 from moe_serve.deploy.bench.baseline import run_transformers
 from moe_serve.deploy.bench.workload import WorkItem, Workload
@@ -19,7 +19,7 @@ from moe_serve.models.tokenizer import TextTokenizer
 
 
 def run_engine(
-    engine: Engine, items: list[WorkItem], concurrency: int
+    engine: EngineCore, items: list[WorkItem], concurrency: int
 ) -> tuple[float, list[list[int]], int]:
     """Closed loop: at most `concurrency` requests in flight. Wall seconds, outputs, steps."""
     outputs: dict[str, list[int]] = {str(i): [] for i in range(len(items))}
@@ -66,7 +66,7 @@ def bench_engine(
         max_model_len=workload.prompt_len[1] + workload.output_len[1],
         max_num_seqs=workload.concurrency,
     )
-    engine = Engine(model, TextTokenizer.from_dir(checkpoint), config)
+    engine = EngineCore(model, TextTokenizer.from_dir(checkpoint), config)
     items = workload.items(min(model.config.vocab_size, 512))
     num_tokens = sum(item.max_tokens for item in items)
     torch_dtype = resolve_dtype(dtype, model.config)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from moe_serve.cluster.engine import Engine, EngineConfig
+from moe_serve.cluster.engine_core import EngineConfig, EngineCore
 from moe_serve.cluster.grammar import advance
 from moe_serve.cluster.params import SamplingParams, StructuredOutput
 from moe_serve.cluster.sampler import apply_token_mask
@@ -37,7 +37,7 @@ RECORD = {
 SCHEMA = {"type": "array", "items": RECORD, "minItems": 1000}
 
 
-def _decode_ms_per_step(engine: Engine, batch: int, tokens: int, structured) -> tuple:
+def _decode_ms_per_step(engine: EngineCore, batch: int, tokens: int, structured) -> tuple:
     """ms per step once every sequence has its first token; and the outputs."""
     for i in range(batch):
         params = SamplingParams(
@@ -55,7 +55,7 @@ def _decode_ms_per_step(engine: Engine, batch: int, tokens: int, structured) -> 
     return 1000 * (time.perf_counter() - start) / max(steps, 1), list(outputs.values())
 
 
-def _mask_ms(engine: Engine, spec: StructuredOutput, outputs: list[list[int]]) -> list[float]:
+def _mask_ms(engine: EngineCore, spec: StructuredOutput, outputs: list[list[int]]) -> list[float]:
     """ms per step to fill the batch's masks, to apply them to [batch, V] logits and to advance
     the matchers by the sampled tokens."""
     matchers = [engine.grammars.create(spec) for _ in outputs]
@@ -89,7 +89,7 @@ def bench_grammar(
     model = load_model(checkpoint, dtype=dtype)
     tokenizer = TextTokenizer.from_dir(tokenizer_dir or checkpoint)
     config = EngineConfig(max_model_len=8 + tokens, max_num_seqs=batch)
-    engine = Engine(model, tokenizer, config)
+    engine = EngineCore(model, tokenizer, config)
     spec = StructuredOutput("json_schema", json.dumps(SCHEMA))
     engine.grammars.check(spec)  # NOTE: compiled before timing (a server caches it too)
     free, constrained = [], []

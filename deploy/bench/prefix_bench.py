@@ -8,7 +8,7 @@ import random
 import statistics
 import time
 
-from moe_serve.cluster.engine import Engine, EngineConfig
+from moe_serve.cluster.engine_core import EngineConfig, EngineCore
 from moe_serve.cluster.params import SamplingParams
 from moe_serve.models.registry import load_model, resolve_dtype
 from moe_serve.models.tokenizer import TextTokenizer
@@ -16,7 +16,7 @@ from moe_serve.models.tokenizer import TextTokenizer
 PARAMS = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
 
-def first_outputs(engine: Engine, prompts: list[list[int]]) -> tuple[list[float], list[int]]:
+def first_outputs(engine: EngineCore, prompts: list[list[int]]) -> tuple[list[float], list[int]]:
     """All prompts added at once: seconds to each one's first output, and its cached tokens."""
     start = time.perf_counter()
     for index, prompt in enumerate(prompts):
@@ -47,8 +47,8 @@ def bench_prefix(
     vocab = min(model.config.vocab_size, 512)
     tokens = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
     config = dict(max_model_len=prefix_len + suffix_len + 8, max_num_seqs=num_requests)
-    warm = Engine(model, tokenizer, EngineConfig(**config))
-    cold = Engine(model, tokenizer, EngineConfig(enable_prefix_caching=False, **config))
+    warm = EngineCore(model, tokenizer, EngineConfig(**config))
+    cold = EngineCore(model, tokenizer, EngineConfig(enable_prefix_caching=False, **config))
     cached_ms, cold_ms, cached_tokens = [], [], set()
     for repeat in range(repeats + 1):  # NOTE: the first round warms allocator and kernels up
         prefix = tokens(prefix_len)

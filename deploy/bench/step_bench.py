@@ -10,10 +10,10 @@ import time
 import ray
 
 from moe_serve.cluster.async_engine import AsyncEngine
-from moe_serve.cluster.core import ReplicaConfig
-from moe_serve.cluster.engine import EngineConfig
+from moe_serve.cluster.engine_core import EngineConfig
 from moe_serve.cluster.params import SamplingParams
-from moe_serve.cluster.replica import create_ray_replica
+from moe_serve.cluster.ray_replica import create_ray_replica
+from moe_serve.cluster.replica_engine import ReplicaConfig, ReplicaStats
 
 
 async def _decode_window(front: AsyncEngine, batch: int, output_tokens: int):
@@ -28,20 +28,20 @@ async def _decode_window(front: AsyncEngine, batch: int, output_tokens: int):
             if index not in started:
                 started.add(index)
                 if len(started) == batch:
-                    marks["start"], marks["stats"] = time.perf_counter(), await front.core.stats()
+                    marks["start"], marks["stats"] = time.perf_counter(), await front.handle.stats()
 
     await asyncio.gather(*(one(i) for i in range(batch)))
     seconds = time.perf_counter() - marks["start"]
-    return seconds, marks["stats"], await front.core.stats()
+    return seconds, marks["stats"], await front.handle.stats()
 
 
-def _row(ep: int, batch: int, seconds: float, before: dict, after: dict) -> dict:
-    steps = max(after["num_steps"] - before["num_steps"], 1)
+def _row(ep: int, batch: int, seconds: float, before: ReplicaStats, after: ReplicaStats) -> dict:
+    steps = max(after.core.num_steps - before.core.num_steps, 1)
     moved = minimum = 0
-    if "dispatch" in after:
-        b, a = before["dispatch"], after["dispatch"]
-        moved = a["bytes_sent"] + a["bytes_received"] - b["bytes_sent"] - b["bytes_received"]
-        minimum = a["min_bytes"] - b["min_bytes"]
+    b, a = before.shards.dispatch, after.shards.dispatch
+    if a is not None:
+        moved = a.bytes_sent + a.bytes_received - b.bytes_sent - b.bytes_received
+        minimum = a.min_bytes - b.min_bytes
     return {
         "ep": ep,
         "batch": batch,

@@ -1,4 +1,4 @@
-"""The asyncio front: a core that fails (in a step or while idle) fails every stream, once,
+"""The asyncio front: an engine that fails (in a step or while idle) fails every stream, once,
 and the front then refuses new requests instead of looping."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import asyncio
 import pytest
 
 from moe_serve.cluster.async_engine import AsyncEngine, EngineStepError
-from moe_serve.cluster.core import StepInput, StepOutput
 from moe_serve.cluster.params import RequestLimits, SamplingParams
+from moe_serve.cluster.replica_engine import StepInput, StepOutput
 
 
-class FailingCore:
-    """A core whose steps or idle calls raise."""
+class FailingHandle:
+    """An engine handle whose steps or idle calls raise."""
 
     def __init__(self, fail_in: str) -> None:
         self.fail_in = fail_in
@@ -48,16 +48,18 @@ async def _consume(front: AsyncEngine) -> None:
 @pytest.mark.parametrize("fail_in", ["step", "idle"])
 def test_a_failed_core_fails_streams_and_stops_the_driver(fail_in):
     async def scenario():
-        core = FailingCore(fail_in)
-        front = AsyncEngine(core, RequestLimits(vocab_size=10, max_model_len=64), idle_tick_s=0.01)
+        handle = FailingHandle(fail_in)
+        front = AsyncEngine(
+            handle, RequestLimits(vocab_size=10, max_model_len=64), idle_tick_s=0.01
+        )
         if fail_in == "step":
             with pytest.raises(EngineStepError, match="the core died during step"):
                 await asyncio.wait_for(_consume(front), 10)
         else:
             front.start()
-            await asyncio.wait_for(core.failed.wait(), 10)
+            await asyncio.wait_for(handle.failed.wait(), 10)
         await asyncio.wait({front._task}, timeout=10)
-        assert front._task.done(), "the driver kept going after its core failed"
+        assert front._task.done(), "the driver kept going after its engine failed"
         assert isinstance(front.error, ConnectionError)
         with pytest.raises(EngineStepError, match="the engine core is down"):
             await _consume(front)

@@ -10,7 +10,7 @@ import pytest
 
 from moe_serve.cluster.grammar import GrammarCompiler
 from moe_serve.cluster.params import RequestError, SamplingParams, StructuredOutput
-from tests.cluster.test_engine import greedy, make_engine, run
+from tests.cluster.test_engine_core import greedy, make_engine, run
 
 SCHEMA = {
     "type": "object",

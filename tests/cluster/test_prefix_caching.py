@@ -7,13 +7,13 @@ import random
 
 import pytest
 
-from moe_serve.cluster.core import EngineCore, ReplicaConfig
-from moe_serve.cluster.engine import Engine, EngineConfig
-from moe_serve.cluster.launchers import ThreadShardLauncher
+from moe_serve.cluster.engine_core import EngineConfig, EngineCore
+from moe_serve.cluster.local_replica import ThreadShardLauncher
 from moe_serve.cluster.params import SamplingParams
+from moe_serve.cluster.replica_engine import ReplicaConfig, ReplicaEngine
 from moe_serve.models.tiny import ARCHS
 from tests.cluster.test_block_manager import assert_accounting
-from tests.cluster.test_engine import greedy, make_engine, run
+from tests.cluster.test_engine_core import greedy, make_engine, run
 
 
 def family_prompts(vocab: int, seed: int, num_families: int = 4, per_family: int = 4):
@@ -28,7 +28,7 @@ def family_prompts(vocab: int, seed: int, num_families: int = 4, per_family: int
     return [*prompts, prompts[0], prompts[1][: len(prompts[1]) - 1]]
 
 
-def run_waves(engine: Engine, waves: list[list[list[int]]], max_tokens: int = 12):
+def run_waves(engine: EngineCore, waves: list[list[list[int]]], max_tokens: int = 12):
     """Each wave's prompts together, waves one after another -> every request's tokens."""
     tokens = {}
     for w, wave in enumerate(waves):
@@ -44,7 +44,7 @@ def on_and_off(path, waves, **config):
     for engine in engines:
         assert_accounting(engine.blocks, [])
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    assert engines[1].stats()["prefix_cache_hits"] == 0
+    assert engines[1].stats().prefix_cache_hits == 0
     return engines[0]
 
 
@@ -60,7 +60,7 @@ def test_greedy_outputs_are_the_same_with_prefix_caching_on_and_off(arch_path):
     waves = [[p] for p in prompts[::4]] + [prompts]
     engine = on_and_off(arch_path, waves)
     stats = engine.stats()
-    assert stats["prefix_cache_hits"] > stats["prefix_cache_queries"] // 3
+    assert stats.prefix_cache_hits > stats.prefix_cache_queries // 3
 
 
 def test_same_after_eviction_and_preemption(arch_path):
@@ -71,7 +71,7 @@ def test_same_after_eviction_and_preemption(arch_path):
         arch_path, waves, num_kv_blocks=20, max_model_len=64, max_num_batched_tokens=16
     )
     assert engine.blocks.num_evictions > 0 and engine.scheduler.num_preemptions > 0
-    assert engine.stats()["prefix_cache_hits"] > 0
+    assert engine.stats().prefix_cache_hits > 0
 
 
 def test_prompt_logprobs_are_computed_not_cached(arch_path):
@@ -87,7 +87,7 @@ def test_prompt_logprobs_are_computed_not_cached(arch_path):
     assert results[0].prompt_logprobs[1] is not None
 
 
-def num_cached(engine: Engine, prompt: list[int], params: SamplingParams | None = None) -> int:
+def num_cached(engine: EngineCore, prompt: list[int], params: SamplingParams | None = None) -> int:
     engine.add_request("r", prompt, params or greedy(max_tokens=2))
     outputs = []
     while engine.has_unfinished:
@@ -106,11 +106,11 @@ def test_cached_tokens_are_the_full_blocks_of_the_shared_prefix(tiny_dirs):
     assert num_cached(engine, [*prefix, 50], greedy(max_tokens=2, prompt_logprobs=1)) == 0
     assert num_cached(engine, list(range(31, 45))) == 0  # shifted by one: another chain
     stats = engine.stats()
-    assert stats["prefix_cache_queries"] == 13 + 12 + 13 + 12 + 11 + 14
-    assert stats["prefix_cache_hits"] == 8 + 12 + 8
+    assert stats.prefix_cache_queries == 13 + 12 + 13 + 12 + 11 + 14
+    assert stats.prefix_cache_hits == 8 + 12 + 8
     off = make_engine(tiny_dirs["olmoe"], block_size=4, enable_prefix_caching=False)
     num_cached(off, [*prefix, 1])
-    assert num_cached(off, [*prefix, 1]) == 0 and off.stats()["prefix_cache_queries"] == 0
+    assert num_cached(off, [*prefix, 1]) == 0 and off.stats().prefix_cache_queries == 0
 
 
 def test_n_samples_share_the_prompt_blocks(tiny_dirs):
@@ -123,8 +123,8 @@ def test_n_samples_share_the_prompt_blocks(tiny_dirs):
         stats.append(engine.stats())
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     assert results[0].token_ids == results[1].token_ids and len(results[0].token_ids) == 3
-    assert (stats[0]["prefix_cache_queries"], stats[0]["prefix_cache_hits"]) == (3 * 13, 2 * 12)
-    assert (stats[1]["prefix_cache_queries"], stats[1]["prefix_cache_hits"]) == (0, 0)
+    assert (stats[0].prefix_cache_queries, stats[0].prefix_cache_hits) == (3 * 13, 2 * 12)
+    assert (stats[1].prefix_cache_queries, stats[1].prefix_cache_hits) == (0, 0)
 
 
 def test_no_block_leaks_with_hits_aborts_preemptions_and_evictions(tiny_dirs):
@@ -158,7 +158,7 @@ def test_no_block_leaks_with_hits_aborts_preemptions_and_evictions(tiny_dirs):
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     assert not engine.requests and not engine.owner and not engine.held
     assert engine.scheduler.num_preemptions > 0 and engine.blocks.num_evictions > 0
-    assert engine.stats()["prefix_cache_hits"] > 0
+    assert engine.stats().prefix_cache_hits > 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -169,11 +169,11 @@ def test_expert_parallel_outputs_are_the_same_with_prefix_caching_on_and_off(tin
     for on in (True, False):
         engine_config = EngineConfig(max_model_len=256, block_size=4, enable_prefix_caching=on)
         config = ReplicaConfig(str(tiny_dirs[arch]), expert_parallel_size=2, engine=engine_config)
-        core = EngineCore(config, ThreadShardLauncher())
+        replica = ReplicaEngine(config, ThreadShardLauncher())
         try:
-            outputs.append(run_waves(core.engine, waves))
-            hits.append(core.stats()["prefix_cache_hits"])
+            outputs.append(run_waves(replica.core, waves))
+            hits.append(replica.stats().core.prefix_cache_hits)
         finally:
-            core.shutdown()
+            replica.shutdown()
     assert outputs[0] == outputs[1]
     assert hits[0] > 0 and hits[1] == 0

@@ -1,6 +1,7 @@
-"""The replica engine: add requests, step (schedule -> execute -> update), abort.
+"""The engine core: scheduler, model runner, KV cache and sampling; add requests, step
+(schedule -> execute -> update), abort.
 
-Synchronous and single-threaded; `AsyncEngine` drives it from a background thread.
+Synchronous and single-threaded; a `ReplicaEngine` drives it one step at a time.
 """
 
 from __future__ import annotations
@@ -30,19 +31,35 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 class EngineConfig:
     """Capacity and batching limits of one replica."""
 
+    # NOTE: the batching defaults are the scheduler's, which applies them (one place each)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = SchedulerConfig.max_num_seqs
+    max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens
     block_size: int = 16
     num_kv_blocks: int | None = None  # wins over kv_cache_bytes
     kv_cache_bytes: int | None = None  # default: DEFAULT_KV_CACHE_BYTES, capped at what
     # max_num_seqs sequences of max_model_len tokens can use
-    enable_chunked_prefill: bool = True
+    enable_chunked_prefill: bool = SchedulerConfig.enable_chunked_prefill
     enable_prefix_caching: bool = True  # reuse computed KV blocks of a prompt's cached prefix
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
             raise ValueError("block_size and num_kv_blocks must be positive")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """An engine core's queues and KV cache now, and its counters since start."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks in use
+    num_free_blocks: int
+    num_blocks: int
+    num_preemptions: int
+    num_steps: int
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # prompt tokens served from the cache
 
 
 def _num_blocks(config: EngineConfig, model: MoeForCausalLM, max_model_len: int) -> int:
@@ -70,7 +87,9 @@ def _random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
 
 
-class Engine:
+class EngineCore:
+    """One model's requests, advanced one step at a time (what vLLM calls the engine core)."""
+
     def __init__(
         self, model: MoeForCausalLM, tokenizer: TextTokenizer, config: EngineConfig | None = None
     ) -> None:
@@ -264,15 +283,15 @@ class Engine:
                         logprobs[j], token, state.params.prompt_logprobs
                     )
 
-    def stats(self) -> dict[str, float]:
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "kv_usage": self.blocks.usage,
-            "num_free_blocks": self.blocks.num_free_blocks,
-            "num_blocks": self.blocks.num_blocks,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "num_steps": self.num_steps,
-            "prefix_cache_queries": self.scheduler.num_queried_tokens,
-            "prefix_cache_hits": self.scheduler.num_hit_tokens,
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.blocks.usage,
+            num_free_blocks=self.blocks.num_free_blocks,
+            num_blocks=self.blocks.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.num_steps,
+            prefix_cache_queries=self.scheduler.num_queried_tokens,
+            prefix_cache_hits=self.scheduler.num_hit_tokens,
+        )

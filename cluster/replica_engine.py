@@ -1,5 +1,5 @@
-"""The engine core of one replica: dense model, KV cache, scheduler and (for
-expert_parallel_size > 1) the expert shards it drives over collectives.
+"""The engine of one replica: an `EngineCore` (dense model, KV cache, scheduler) and (for
+expert_parallel_size > 1) the expert shards it drives over collectives, rebuilt when lost.
 
 Driven one step at a time by messages (`StepInput` -> `StepOutput`) so that it can live in its
 own Ray actor, whose methods run on the process's main thread.
@@ -14,14 +14,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moe_serve.cluster.engine import Engine, EngineConfig
+from moe_serve.cluster.engine_core import EngineConfig, EngineCore, EngineStats
 from moe_serve.cluster.expert_parallel import Dispatcher, ShardFailure, install_expert_parallel
-from moe_serve.cluster.launchers import ShardLauncher, ShardSpec
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import RequestError, SamplingParams
 from moe_serve.cluster.placement import ExpertPlacement, Strategy
 from moe_serve.cluster.shard import is_mlp_expert
-from moe_serve.cluster.shard_group import RebuildPolicy, ShardGroup
+from moe_serve.cluster.shard_group import (
+    RebuildPolicy,
+    ShardGroup,
+    ShardGroupStats,
+    ShardLauncher,
+    ShardSpec,
+)
 from moe_serve.models.registry import load_model
 from moe_serve.models.tokenizer import TextTokenizer
 
@@ -36,8 +41,8 @@ class ReplicaConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     collective_timeout_s: float = 30.0  # every collective, and the shards' join
     idle_ping_s: float = 1.0  # keepalive to idle shards (detects a dead shard while idle)
-    max_rebuild_failures: int = 3  # failed shard rebuilds in a row before giving up (unhealthy)
-    rebuild_backoff_s: float = 2.0  # wait after a failed rebuild; doubles after each one
+    max_rebuild_failures: int = RebuildPolicy.max_failures  # in a row; then unhealthy
+    rebuild_backoff_s: float = RebuildPolicy.backoff_s  # after a failed rebuild; then doubles
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,14 @@ class StepOutput:
     has_unfinished: bool
 
 
+@dataclass(frozen=True)
+class ReplicaStats:
+    """What a replica reports (to metrics and its health check); crosses Ray."""
+
+    core: EngineStats
+    shards: ShardGroupStats = field(default_factory=ShardGroupStats)  # default: no shards
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,7 +86,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class EngineCore:
+class ReplicaEngine:
     """With expert parallelism, a failed or hung shard fails the requests in flight at once;
     the shards and their group are rebuilt on the next step or idle tick (`ShardGroup`)."""
 
@@ -90,7 +103,7 @@ class EngineCore:
         self.tokenizer = TextTokenizer.from_dir(config.checkpoint)
         # NOTE: before any shard starts: a bad engine config fails fast, and the shards' first
         # collective does not wait for the KV cache allocation
-        self.engine = Engine(model, self.tokenizer, config.engine)
+        self.core = EngineCore(model, self.tokenizer, config.engine)
         self.dispatcher: Dispatcher | None = None
         self.shards: ShardGroup | None = None
         if is_parallel:
@@ -101,7 +114,7 @@ class EngineCore:
             )
             self.launcher = launcher
             self.dispatcher = Dispatcher(placement, model)
-            install_expert_parallel(model, self.dispatcher)
+            install_expert_parallel(self.core.runner, self.dispatcher)
             spec = ShardSpec(
                 config.checkpoint, config.dtype, self.device.type, config.collective_timeout_s
             )
@@ -114,7 +127,7 @@ class EngineCore:
         """Apply aborts and new requests, run one engine step if there is work."""
         outputs, rejected, failed = [], {}, {}
         for request_id in message.aborts:
-            output = self.engine.abort(request_id)
+            output = self.core.abort(request_id)
             if output is not None:
                 outputs.append(output)
         if self.shards is not None:
@@ -124,19 +137,19 @@ class EngineCore:
                 failed[request.request_id] = self.shards.unavailable()
                 continue
             try:
-                self.engine.add_request(request.request_id, request.prompt_ids, request.params)
+                self.core.add_request(request.request_id, request.prompt_ids, request.params)
             except RequestError as exc:
                 rejected[request.request_id] = str(exc)
-        if self.engine.has_unfinished:
+        if self.core.has_unfinished:
             try:
-                outputs.extend(self.engine.step())
+                outputs.extend(self.core.step())
             except ShardFailure as exc:
-                lost = {rid: str(exc) for rid in list(self.engine.requests)}
+                lost = {rid: str(exc) for rid in list(self.core.requests)}
                 for request_id in lost:
-                    self.engine.abort(request_id)
+                    self.core.abort(request_id)
                 failed |= lost
                 self.shards.lose(exc)
-        return StepOutput(outputs, rejected, failed, self.engine.has_unfinished)
+        return StepOutput(outputs, rejected, failed, self.core.has_unfinished)
 
     def idle(self) -> None:
         """Keep idle shards' collectives alive (a dead shard is found here); rebuild lost
@@ -145,11 +158,10 @@ class EngineCore:
             self.shards.ping()
             self.shards.try_rebuild()
 
-    def stats(self) -> dict:
-        stats = dict(self.engine.stats(), num_rebuilds=0, num_rebuild_failures=0)
-        if self.shards is not None:
-            stats |= self.shards.stats()
-        return stats
+    def stats(self) -> ReplicaStats:
+        if self.shards is None:
+            return ReplicaStats(self.core.stats())
+        return ReplicaStats(self.core.stats(), self.shards.stats())
 
     def shutdown(self) -> None:
         """Tell the shards to stop and tear them down."""

@@ -1,49 +1,28 @@
-"""Starting and stopping one replica's expert shards: Ray actors, or threads in-process."""
+"""A replica in this process: its engine on one worker thread behind the asyncio front, and
+its expert shards (if any) as threads joined by gloo over loopback (tests, tools, debugging)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from moe_serve.cluster.async_engine import AsyncEngine
+from moe_serve.cluster.replica_engine import (
+    ReplicaConfig,
+    ReplicaEngine,
+    ReplicaStats,
+    StepInput,
+    StepOutput,
+)
 from moe_serve.cluster.shard import ExpertShard
+from moe_serve.cluster.shard_group import ShardLauncher, ShardSpec
 from moe_serve.cluster.transport import CollectiveTransport, TransportError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """What every shard of a replica loads and how it joins the group."""
-
-    checkpoint: str
-    dtype: str | None
-    device: str  # "cpu" or "cuda"
-    timeout_s: float  # every collective, and joining the group
-    load_timeout_s: float = 900.0  # loading the weights
-
-
-class ShardLauncher(ABC):
-    """Owns the shards of one replica (ranks 1..N of its group)."""
-
-    @abstractmethod
-    def start(
-        self, spec: ShardSpec, shard_expert_ids: Sequence[tuple[int, ...]], host: str, port: int
-    ) -> None:
-        """Load the shards (errors surface here), then let them join the group at host:port
-        and serve; returns without waiting for the join (rank 0 joins next)."""
-
-    @abstractmethod
-    def stop(self) -> None:
-        """Tear every shard down (no process or thread left behind)."""
-
-    @abstractmethod
-    def parameter_summaries(self) -> list[dict[str, tuple[int, ...]]]:
-        """Each shard's materialised parameters and their shapes."""
 
 
 class ThreadShardLauncher(ShardLauncher):
@@ -87,3 +66,36 @@ class ThreadShardLauncher(ShardLauncher):
 
     def parameter_summaries(self):
         return [shard.parameter_summary() for shard in self.shards]
+
+
+class LocalEngineHandle:
+    """The front's handle on an in-process engine, run on one worker thread (tests, tools). On
+    CPU, prefer the Ray actor: see the note in `cluster/replica_engine.py`."""
+
+    def __init__(self, engine: ReplicaEngine) -> None:
+        self.engine = engine
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="replica-engine")
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def step(self, message: StepInput) -> StepOutput:
+        return await self._call(self.engine.step, message)
+
+    async def idle(self) -> None:
+        await self._call(self.engine.idle)
+
+    async def stats(self) -> ReplicaStats:
+        return await self._call(self.engine.stats)
+
+    async def shutdown(self) -> None:
+        await self._call(self.engine.shutdown)
+        self.executor.shutdown(wait=False)
+
+
+def create_local_replica(
+    config: ReplicaConfig, launcher: ShardLauncher | None = None
+) -> tuple[AsyncEngine, ReplicaEngine]:
+    """Front and engine in this process (the engine on one worker thread)."""
+    engine = ReplicaEngine(config, launcher)
+    return AsyncEngine(LocalEngineHandle(engine), engine.core.limits, config.idle_ping_s), engine

@@ -1,4 +1,5 @@
-"""Thin Ray shells: the expert shard actor and the launcher that places one per bundle/GPU."""
+"""A replica on Ray: its engine in an `EngineActor` (bundle 0 of the replica's gang), its
+expert shards as `ExpertShardActor`s (bundles 1..N), and the front's handle on the engine actor."""
 
 from __future__ import annotations
 
@@ -11,10 +12,17 @@ import torch
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from moe_serve.cluster.core import EngineCore, ReplicaConfig, StepInput, StepOutput
-from moe_serve.cluster.launchers import ShardLauncher, ShardSpec
+from moe_serve.cluster.async_engine import AsyncEngine
 from moe_serve.cluster.params import RequestLimits
+from moe_serve.cluster.replica_engine import (
+    ReplicaConfig,
+    ReplicaEngine,
+    ReplicaStats,
+    StepInput,
+    StepOutput,
+)
 from moe_serve.cluster.shard import ExpertShard
+from moe_serve.cluster.shard_group import ShardLauncher, ShardSpec
 from moe_serve.cluster.transport import CollectiveTransport, local_ip
 
 log = logging.getLogger(__name__)
@@ -131,7 +139,8 @@ class RayShardLauncher(ShardLauncher):
 
 @ray.remote(max_restarts=0)
 class EngineActor:
-    """The router/attention actor of a replica: an EngineCore on this process's main thread
+    """The router/attention actor of a replica: a ReplicaEngine on this process's main
+    thread
     (a single-threaded actor), owning its expert shard actors (they die with it)."""
 
     def __init__(
@@ -145,7 +154,7 @@ class EngineActor:
         # shards need; measured on 2 cores, 2 threads here made steps 1.8x slower than 1.
         torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) - 1))
         self.config, self.shard_options = config, shard_options or {}
-        self.core: EngineCore | None = None
+        self.engine: ReplicaEngine | None = None
 
     def start(self) -> RequestLimits:
         """Load the model, start the shards; returns what requests may ask for.
@@ -153,24 +162,24 @@ class EngineActor:
         launcher = (
             RayShardLauncher(**self.shard_options) if self.config.expert_parallel_size > 1 else None
         )
-        self.core = EngineCore(self.config, launcher)
-        return self.core.engine.limits
+        self.engine = ReplicaEngine(self.config, launcher)
+        return self.engine.core.limits
 
     def step(self, message: StepInput) -> StepOutput:
-        return self.core.step(message)
+        return self.engine.step(message)
 
     def idle(self) -> None:
-        self.core.idle()
+        self.engine.idle()
 
-    def stats(self) -> dict:
-        return self.core.stats()
+    def stats(self) -> ReplicaStats:
+        return self.engine.stats()
 
     def parameter_summaries(self) -> list[dict]:
         """Per shard: its parameters and shapes (tests and debugging)."""
-        return self.core.launcher.parameter_summaries() if self.core.dispatcher else []
+        return self.engine.launcher.parameter_summaries() if self.engine.dispatcher else []
 
     def shard_pids(self) -> list[int]:
-        return list(self.core.launcher.pids) if self.core.dispatcher else []
+        return list(self.engine.launcher.pids) if self.engine.dispatcher else []
 
     def pids(self) -> dict:
         """This actor's process id and its shards' (tests: kill one to see what recovers)."""
@@ -178,14 +187,14 @@ class EngineActor:
 
     def shard_handles(self) -> list:
         """The shard actors (tests: `ray.kill` one to see the replica recover)."""
-        return list(self.core.launcher.actors) if self.core.dispatcher else []
+        return list(self.engine.launcher.actors) if self.engine.dispatcher else []
 
     def shutdown(self) -> None:
-        if self.core is not None:
-            self.core.shutdown()
+        if self.engine is not None:
+            self.engine.shutdown()
 
 
-class RayCore:
+class RayEngineHandle:
     """The front's handle on an EngineActor."""
 
     def __init__(self, actor) -> None:
@@ -197,7 +206,7 @@ class RayCore:
     async def idle(self) -> None:
         await self.actor.idle.remote()
 
-    async def stats(self) -> dict:
+    async def stats(self) -> ReplicaStats:
         return await self.actor.stats.remote()
 
     async def shutdown(self) -> None:
@@ -205,3 +214,22 @@ class RayCore:
             await self.actor.shutdown.remote()
         finally:
             ray.kill(self.actor, no_restart=True)
+
+
+def create_ray_replica(
+    config: ReplicaConfig,
+    engine_options: dict | None = None,
+    shard_options: dict | None = None,
+    engine_threads: int | None = None,
+) -> tuple[AsyncEngine, object]:
+    """Front here, engine in an EngineActor. Inside a placement group (a Serve replica's gang)
+    the engine actor takes bundle 0 and shard i bundle i + 1. `engine_threads`: torch threads
+    of the engine actor (default: the node's cores)."""
+    options = in_gang(dict(engine_options or {}), 0)
+    actor = EngineActor.options(**options).remote(config, shard_options, engine_threads)
+    try:
+        limits = ray.get(actor.start.remote())  # NOTE: surfaces load errors here
+    except BaseException:
+        ray.kill(actor, no_restart=True)  # NOTE: its shard actors go with it
+        raise
+    return AsyncEngine(RayEngineHandle(actor), limits, config.idle_ping_s), actor

@@ -1,4 +1,4 @@
-"""Expert parallelism on real Ray actors over gloo: parity with EP=1, ownership, failures.
+"""A replica on Ray, with expert parallelism over gloo: parity with EP=1, ownership, failures.
 
 Each replica is what serving runs: an EngineActor (router/attention) owning its shard actors.
 """
@@ -19,11 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe_serve.cluster.async_engine import EngineStepError
-from moe_serve.cluster.core import ReplicaConfig
-from moe_serve.cluster.engine import EngineConfig
-from moe_serve.cluster.launchers import ThreadShardLauncher
+from moe_serve.cluster.engine_core import EngineConfig
+from moe_serve.cluster.local_replica import create_local_replica
 from moe_serve.cluster.params import SamplingParams
-from moe_serve.cluster.replica import create_local_replica, create_ray_replica
+from moe_serve.cluster.ray_replica import create_ray_replica
+from moe_serve.cluster.replica_engine import ReplicaConfig
+from moe_serve.cluster.shard_group import ShardGroupStats
 from moe_serve.models.tiny import ARCHS
 
 pytestmark = pytest.mark.slow
@@ -85,10 +86,11 @@ def test_expert_parallel_greedy_equals_ep1(reference, ray_cluster, ep):
 
     outputs, stats = run_ray_replica(config, scenario)
     assert outputs == expected
-    dispatch = stats["dispatch"]
-    assert torch.tensor(dispatch["expert_tokens"]).sum() > 0 and dispatch["num_steps"] > 0
-    assert dispatch["bytes_received"] * 2 == dispatch["min_bytes"]  # results: the minimum
-    assert stats["num_rebuilds"] == 0
+    dispatch = stats.shards.dispatch
+    assert torch.tensor(dispatch.expert_tokens).sum() > 0
+    assert dispatch.num_steps == stats.core.num_steps > 0  # one begin_step per forward pass
+    assert dispatch.bytes_received * 2 == dispatch.min_bytes  # results: the minimum
+    assert stats.shards.num_rebuilds == 0
 
 
 def test_a_shard_holds_only_its_experts(tiny_dirs, ray_cluster):
@@ -105,29 +107,6 @@ def test_a_shard_holds_only_its_experts(tiny_dirs, ray_cluster):
         assert len(summary) == 2 * 2  # gate_up and down of each of the 2 layers, nothing else
         for name, shape in summary.items():
             assert name.endswith(("gate_up_proj", "down_proj")) and shape[0] == len(expert_ids)
-
-
-def test_attention_side_and_shards_split_the_weights(tiny_dirs):
-    from moe_serve.models.registry import load_model
-
-    path = str(tiny_dirs["jetmoe"])
-    full = load_model(path)
-    front, core = create_local_replica(
-        ReplicaConfig(path, expert_parallel_size=3, engine=ENGINE), ThreadShardLauncher()
-    )
-    try:
-        attention_side = dict(core.engine.model.named_parameters())
-        assert not [n for n in attention_side if ".mlp.experts." in n]
-        assert any(".self_attn.experts." in n for n in attention_side)  # MoA stays here
-        for shard, expert_ids in zip(
-            core.launcher.shards, core.placement.shard_expert_ids, strict=True
-        ):
-            for layer, experts in enumerate(shard.experts):
-                whole = full.moe_blocks()[layer].experts
-                assert torch.equal(experts.gate_up_proj, whole.gate_up_proj[list(expert_ids)])
-                assert torch.equal(experts.down_proj, whole.down_proj[list(expert_ids)])
-    finally:
-        asyncio.run(front.shutdown())
 
 
 def _still_running(pids: list[int], timeout_s: float = 30.0) -> list[int]:
@@ -161,8 +140,8 @@ async def _failure_then_recovery(front, actor, break_shard, timeout_s: float):
     assert elapsed < timeout_s + 5
     assert await generate_all(front, prompts(4, seed=5)) == expected
     stats = await actor.stats.remote()
-    assert stats["num_rebuilds"] == 1
-    assert stats["num_free_blocks"] == stats["num_blocks"]
+    assert stats.shards.num_rebuilds == 1
+    assert stats.core.num_free_blocks == stats.core.num_blocks
 
 
 def test_killed_shard_fails_in_flight_requests_then_the_replica_recovers(tiny_dirs, ray_cluster):
@@ -224,7 +203,7 @@ def test_idle_shards_outlive_the_collective_timeout(tiny_dirs, ray_cluster):
         return outputs, await actor.stats.remote()
 
     outputs, stats = run_ray_replica(config, scenario)
-    assert all(len(o) == 24 for o in outputs) and stats["num_rebuilds"] == 0
+    assert all(len(o) == 24 for o in outputs) and stats.shards.num_rebuilds == 0
 
 
 def _alive_actor_ids() -> set[str]:
@@ -256,9 +235,9 @@ def test_a_shard_that_cannot_load_fails_the_replica_and_leaves_no_actor(
     assert not _alive_actor_ids() - before
 
 
-async def _stats_when(actor, condition, timeout_s: float = 90) -> dict:
+async def _stats_when(actor, condition, timeout_s: float = 90) -> ShardGroupStats:
     deadline = time.monotonic() + timeout_s
-    while not condition(stats := await actor.stats.remote()):
+    while not condition(stats := (await actor.stats.remote()).shards):
         assert time.monotonic() < deadline, stats
         await asyncio.sleep(0.2)
     return stats
@@ -293,18 +272,18 @@ def test_failed_rebuilds_back_off_then_recover_or_give_up(tiny_dirs, ray_cluster
         front.start()  # NOTE: its idle ticks find the dead shard and retry the rebuild
         weights.rename(hidden)  # NOTE: the shards of every rebuild fail to load
         await kill_a_shard(actor)
-        stats = await _stats_when(actor, lambda s: s["num_rebuild_failures"] == 1)
-        assert "rebuilding the expert shards failed (1 of 2)" in stats["shards_down"]
-        assert not stats["has_given_up"]
+        stats = await _stats_when(actor, lambda s: s.num_rebuild_failures == 1)
+        assert "rebuilding the expert shards failed (1 of 2)" in stats.shards_down
+        assert not stats.has_given_up
         assert "retry shortly" in str(await _fails_fast(front))  # NOTE: backing off
         hidden.rename(weights)
-        stats = await _stats_when(actor, lambda s: s["shards_down"] is None)
-        assert stats["num_rebuilds"] == 1
+        stats = await _stats_when(actor, lambda s: s.shards_down is None)
+        assert stats.num_rebuilds == 1
         assert await generate_all(front, prompts(2)) == expected
         weights.rename(hidden)
         await kill_a_shard(actor)
-        stats = await _stats_when(actor, lambda s: s["has_given_up"])
-        assert stats["num_rebuild_failures"] == 3  # NOTE: 1, then 2 in a row
+        stats = await _stats_when(actor, lambda s: s.has_given_up)
+        assert stats.num_rebuild_failures == 3  # NOTE: 1, then 2 in a row
         assert "is being replaced" in str(await _fails_fast(front))
         assert await actor.shard_pids.remote() == []  # NOTE: no shard left behind
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
-from moe_serve.cluster.core import ReplicaConfig
-from moe_serve.cluster.engine import Engine, EngineConfig
+from moe_serve.cluster.engine_core import EngineConfig, EngineCore
 from moe_serve.cluster.params import RequestError, SamplingParams
-from moe_serve.cluster.replica import create_local_replica
 from moe_serve.models.registry import load_model
 from moe_serve.models.tiny import ARCHS
 from moe_serve.models.tokenizer import TextTokenizer
@@ -43,7 +40,7 @@ def collect(outputs, results: dict[str, Result]) -> None:
         result.usage = (out.num_prompt_tokens, out.num_output_tokens)
 
 
-def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]):
+def run(engine: EngineCore, requests: dict[str, tuple[list[int], SamplingParams]]):
     results: dict[str, Result] = {}
     for request_id, (prompt, params) in requests.items():
         engine.add_request(request_id, prompt, params)
@@ -56,9 +53,11 @@ def greedy(max_tokens=MAX_TOKENS, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
 
 
-def make_engine(path, **config) -> Engine:
+def make_engine(path, **config) -> EngineCore:
     defaults = dict(max_model_len=256, block_size=4, max_num_seqs=16)
-    return Engine(load_model(path), TextTokenizer.from_dir(path), EngineConfig(**defaults | config))
+    return EngineCore(
+        load_model(path), TextTokenizer.from_dir(path), EngineConfig(**defaults | config)
+    )
 
 
 def mixed_prompts(vocab: int, num: int = 16, seed: int = 0) -> list[list[int]]:
@@ -229,28 +228,6 @@ def test_logprobs_and_prompt_logprobs_match_the_model(olmoe):
         assert entry.logprob == pytest.approx(
             float(reference[position - 1, full[position]]), abs=1e-4
         )
-
-
-def test_async_stream_and_abort_on_early_exit(tiny_dirs):
-    config = ReplicaConfig(str(tiny_dirs["jetmoe"]), engine=EngineConfig(max_model_len=256))
-    front, core = create_local_replica(config)
-    engine = core.engine
-
-    async def scenario():
-        pieces = [out async for out in front.generate([1, 2, 3], greedy(max_tokens=10))]
-        assert pieces[-1].finished and sum(len(p.deltas[0].token_ids) for p in pieces) == 10
-        stream = front.generate([4, 5, 6], greedy(max_tokens=200))
-        await anext(stream)
-        await stream.aclose()  # NOTE: the client went away
-        done = [out async for out in front.generate([7], greedy(max_tokens=3))]
-        assert done[-1].finished  # a later request got served after the abort took effect
-        with pytest.raises(RequestError, match="empty"):
-            await anext(front.generate([], greedy()))
-        await front.shutdown()
-
-    asyncio.run(scenario())
-    assert not engine.has_unfinished
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
 def test_without_chunked_prefill_the_token_budget_must_hold_a_whole_prompt(tiny_dirs):
