@@ -28,7 +28,8 @@ def test_merged_outputs_carry_what_the_stream_of_outputs_carried(tiny_dirs):
         assert merged == streamed
         result = merged[request_id]
         for index, token_ids in result.token_ids.items():
-            assert result.text[index] == engine.tokenizer.decode(token_ids)
+            # NOTE: a stream withholds a trailing incomplete UTF-8 sequence (decode: U+FFFD)
+            assert result.text[index] == engine.tokenizer.decode(token_ids).rstrip("\ufffd")
             assert result.finish[index] == "length"
         assert result.usage == (
             len(requests[request_id][0]),
