@@ -21,6 +21,7 @@ from moe_serve.cluster.runner import ModelRunner, StepLogits, kv_cache_bytes_per
 from moe_serve.cluster.sampler import SamplingRow, TokenLogprobs, sample, token_logprobs
 from moe_serve.cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from moe_serve.cluster.sequence import Sequence
+from moe_serve.cluster.stats import EngineStats
 from moe_serve.models.base import MoeForCausalLM
 from moe_serve.models.tokenizer import TextTokenizer
 
@@ -45,21 +46,6 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
             raise ValueError("block_size and num_kv_blocks must be positive")
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """An engine core's queues and KV cache now, and its counters since start."""
-
-    num_running: int
-    num_waiting: int
-    kv_usage: float  # fraction of KV blocks in use
-    num_free_blocks: int
-    num_blocks: int
-    num_preemptions: int
-    num_steps: int
-    prefix_cache_queries: int  # prompt tokens looked up
-    prefix_cache_hits: int  # prompt tokens served from the cache
 
 
 def _num_blocks(config: EngineConfig, model: MoeForCausalLM, max_model_len: int) -> int:

@@ -7,13 +7,13 @@ Shapes: T tokens, K top-k, H hidden, E experts, N shards.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import torch
 
 from moe_serve.cluster.placement import ExpertPlacement
 from moe_serve.cluster.runner import ModelRunner
 from moe_serve.cluster.shard import Command, pack_rows, payload_row_bytes
+from moe_serve.cluster.stats import DispatchStats
 from moe_serve.cluster.transport import CollectiveTransport, TransportError
 from moe_serve.models.base import MoeForCausalLM
 from moe_serve.models.moe import BaseExperts
@@ -28,17 +28,6 @@ def _step_failure(exc: TransportError) -> ShardFailure:
         f"an expert shard of this replica failed or timed out; the "
         f"replica is restarting its shards ({exc})"
     )
-
-
-@dataclass(frozen=True)
-class DispatchStats:
-    """What a replica's dispatcher moved since it started."""
-
-    expert_tokens: tuple[tuple[int, ...], ...]  # [layer][expert]: tokens routed there
-    bytes_sent: int  # payload rows to the shards
-    bytes_received: int  # results back
-    min_bytes: int  # tokens x distinct shards x H x bytes, both ways
-    num_steps: int
 
 
 class DispatchCounters:

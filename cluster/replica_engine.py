@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moe_serve.cluster.engine_core import EngineConfig, EngineCore, EngineStats
+from moe_serve.cluster.engine_core import EngineConfig, EngineCore
 from moe_serve.cluster.expert_parallel import Dispatcher, ShardFailure, install_expert_parallel
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import RequestError, SamplingParams
@@ -23,10 +23,10 @@ from moe_serve.cluster.shard import is_mlp_expert
 from moe_serve.cluster.shard_group import (
     RebuildPolicy,
     ShardGroup,
-    ShardGroupStats,
     ShardLauncher,
     ShardSpec,
 )
+from moe_serve.cluster.stats import ReplicaStats
 from moe_serve.models.registry import load_model
 from moe_serve.models.tokenizer import TextTokenizer
 
@@ -66,14 +66,6 @@ class StepOutput:
     rejected: dict[str, str]  # request id -> why it was refused (nothing was done)
     failed: dict[str, str]  # request id -> why it died in flight (e.g. a shard failed)
     has_unfinished: bool
-
-
-@dataclass(frozen=True)
-class ReplicaStats:
-    """What a replica reports (to metrics and its health check); crosses Ray."""
-
-    core: EngineStats
-    shards: ShardGroupStats = field(default_factory=ShardGroupStats)  # default: no shards
 
 
 def resolve_device(name: str) -> torch.device:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_serve.cluster.expert_parallel import Dispatcher, DispatchStats, ShardFailure
+from moe_serve.cluster.expert_parallel import Dispatcher, ShardFailure
 from moe_serve.cluster.placement import ExpertPlacement
+from moe_serve.cluster.stats import ShardGroupStats
 from moe_serve.cluster.transport import CollectiveTransport, Rendezvous, local_ip
 
 log = logging.getLogger(__name__)
@@ -53,17 +54,6 @@ class ShardLauncher(ABC):
     @abstractmethod
     def parameter_summaries(self) -> list[dict[str, tuple[int, ...]]]:
         """Each shard's materialised parameters and their shapes."""
-
-
-@dataclass(frozen=True)
-class ShardGroupStats:
-    """A replica's expert shards; the defaults are a replica without any."""
-
-    num_rebuilds: int = 0
-    num_rebuild_failures: int = 0  # every failed rebuild, not only those in a row
-    shards_down: str | None = None  # why the shards are down; None while they serve
-    has_given_up: bool = False  # the replica is unhealthy (Serve replaces it)
-    dispatch: DispatchStats | None = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ray import serve
 
 from moe_serve.cluster.outputs import RequestOutput
-from moe_serve.cluster.replica_engine import ReplicaStats
+from moe_serve.cluster.stats import ReplicaStats
 from moe_serve.deploy.access_log import AccessRecord
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -14,7 +14,7 @@ from ray import serve
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import SamplingParams
 from moe_serve.cluster.ray_replica import create_ray_replica
-from moe_serve.cluster.replica_engine import ReplicaStats
+from moe_serve.cluster.stats import ReplicaStats
 from moe_serve.deploy.config import ServedModelConfig
 from moe_serve.models.source import resolve_source
 

@@ -13,7 +13,8 @@ from moe_serve.cluster.async_engine import AsyncEngine
 from moe_serve.cluster.engine_core import EngineConfig
 from moe_serve.cluster.params import SamplingParams
 from moe_serve.cluster.ray_replica import create_ray_replica
-from moe_serve.cluster.replica_engine import ReplicaConfig, ReplicaStats
+from moe_serve.cluster.replica_engine import ReplicaConfig
+from moe_serve.cluster.stats import ReplicaStats
 
 
 async def _decode_window(front: AsyncEngine, batch: int, output_tokens: int):

@@ -24,7 +24,7 @@ from moe_serve.cluster.local_replica import create_local_replica
 from moe_serve.cluster.params import SamplingParams
 from moe_serve.cluster.ray_replica import create_ray_replica
 from moe_serve.cluster.replica_engine import ReplicaConfig
-from moe_serve.cluster.shard_group import ShardGroupStats
+from moe_serve.cluster.stats import ShardGroupStats
 from moe_serve.models.tiny import ARCHS
 
 pytestmark = pytest.mark.slow
