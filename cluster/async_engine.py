@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from moe_serve.cluster.outputs import RequestOutput
+from moe_serve.cluster.outputs import RequestOutput, merge_outputs
 from moe_serve.cluster.params import RequestError, RequestLimits, SamplingParams
 from moe_serve.cluster.replica_engine import (
     NewRequest,
@@ -27,6 +27,25 @@ from moe_serve.cluster.replica_engine import (
 
 log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 2
+
+
+async def _next_outputs(
+    queue: asyncio.Queue, wait_for_end: bool
+) -> tuple[list[RequestOutput], BaseException | None]:
+    """A request's outputs that are ready: at least one (waited for), then whatever else is
+    queued; with `wait_for_end`, every output up to the last. An error ends the run."""
+    outputs: list[RequestOutput] = []
+    while not outputs or not outputs[-1].finished:
+        if not outputs or wait_for_end:
+            item = await queue.get()
+        elif not queue.empty():
+            item = queue.get_nowait()
+        else:
+            break
+        if isinstance(item, BaseException):
+            return outputs, item
+        outputs.append(item)
+    return outputs, None
 
 
 class EngineStepError(RuntimeError):
@@ -82,8 +101,15 @@ class AsyncEngine:
             self._task.add_done_callback(self._on_driver_exit)
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        is_streamed: bool = True,
     ) -> AsyncIterator[RequestOutput]:
+        """A request's outputs. Each one carries everything ready when it is taken: a reader
+        that falls behind gets one merged output, not a backlog (fewer messages per token
+        downstream). Not `is_streamed`: the first output at once, then one with the rest."""
         if self.error is not None:
             raise EngineStepError(f"the engine core is down: {self.error}")
         self.limits.check(prompt_ids, params)
@@ -95,15 +121,19 @@ class AsyncEngine:
         self._queues[request_id] = queue
         self._new.append(NewRequest(request_id, list(prompt_ids), params))
         self._wakeup.set()
-        finished = False
+        finished, is_first = False, True
         try:
             while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
+                wait_for_end = not is_streamed and not is_first
+                outputs, error = await _next_outputs(queue, wait_for_end)
+                is_first = False
+                if outputs:
+                    merged = merge_outputs(outputs)
+                    finished = merged.finished
+                    yield merged
+                if error is not None:
                     finished = True
-                    raise item
-                finished = item.finished
-                yield item
+                    raise error
         finally:
             if not finished:
                 self.abort(request_id)

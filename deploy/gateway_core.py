@@ -122,12 +122,13 @@ class GatewayCore:
         access: AccessRecord,
         is_echo: bool = False,
         plan: ToolPlan = TEXT,
+        is_streamed: bool = True,
     ) -> AsyncIterator[StreamEvent]:
         """Run every prompt (the caller has checked them: `check`); their events
         (choice_stream.stream_choices). The first output is awaited here, so that a request the
         replicas refuse (queue full, replica down, invalid) raises before a response starts."""
         tracker = self.metrics.track(endpoint.info.name, prompts, access)
-        outputs = self._outputs(endpoint, prompts, params)
+        outputs = self._outputs(endpoint, prompts, params, is_streamed)
         try:
             first = await anext(outputs)
         except StopAsyncIteration:
@@ -146,19 +147,23 @@ class GatewayCore:
         access: AccessRecord,
     ) -> Collected:
         """Run to completion (choice_stream.collect_choices)."""
-        events = await self.stream(endpoint, prompts, params, access, is_echo=True)
+        events = await self.stream(
+            endpoint, prompts, params, access, is_echo=True, is_streamed=False
+        )
         return await collect_choices(events, prompts, params.n)
 
     async def _outputs(
-        self, endpoint: ModelEndpoint, prompts: list[list[int]], params: SamplingParams
+        self,
+        endpoint: ModelEndpoint,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        is_streamed: bool,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every prompt's outputs, merged: (prompt index, output) as they arrive. Leaving early
         cancels every stream on the replicas (their KV blocks are freed)."""
         queue: asyncio.Queue = asyncio.Queue()
-        streams = [
-            endpoint.handle.options(stream=True).generate.remote(ids, params, uuid.uuid4().hex)
-            for ids in prompts
-        ]
+        generate = endpoint.handle.options(stream=True).generate
+        streams = [generate.remote(ids, params, uuid.uuid4().hex, is_streamed) for ids in prompts]
         tasks = [asyncio.ensure_future(self._pump(i, s, queue)) for i, s in enumerate(streams)]
         self.metrics.in_flight(endpoint.info.name, len(prompts))
         try:

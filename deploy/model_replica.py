@@ -42,10 +42,12 @@ class ModelReplica:
         self._reporter = asyncio.get_running_loop().create_task(self._report())
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, is_streamed: bool
     ) -> AsyncIterator[RequestOutput]:
-        """Stream one request; cancelling the call aborts it (its KV blocks are freed)."""
-        async with contextlib.aclosing(self.front.generate(prompt_ids, params, request_id)) as out:
+        """Stream one request (AsyncEngine.generate: one message per output ready, or two when
+        not `is_streamed`); cancelling the call aborts it (its KV blocks are freed)."""
+        outputs = self.front.generate(prompt_ids, params, request_id, is_streamed)
+        async with contextlib.aclosing(outputs) as out:
             async for output in out:
                 yield output
 

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from moe_serve.cluster.async_engine import AsyncEngine, EngineStepError
+from moe_serve.cluster.outputs import CompletionDelta, RequestOutput
 from moe_serve.cluster.params import RequestLimits, SamplingParams
 from moe_serve.cluster.replica_engine import StepInput, StepOutput
 
@@ -65,3 +66,66 @@ def test_a_failed_core_fails_streams_and_stops_the_driver(fail_in):
             await _consume(front)
 
     asyncio.run(scenario())
+
+
+class ScriptedHandle(FailingHandle):
+    """An engine handle whose every step gives each request one more token (its step number),
+    finishing after `num_tokens`. The request `paced` gets its next token only once its reader
+    has taken the previous one (`taken`)."""
+
+    def __init__(self, num_tokens: int) -> None:
+        super().__init__(fail_in="")
+        self.num_tokens, self.num_emitted = num_tokens, {}
+        self.all_done = asyncio.Event()
+        self.taken = asyncio.Semaphore(0)
+
+    async def step(self, message: StepInput) -> StepOutput:
+        self.num_emitted |= {request.request_id: 0 for request in message.new}
+        if 0 < self.num_emitted.get("paced", 0) < self.num_tokens:
+            await self.taken.acquire()
+        outputs = []
+        for request_id, k in self.num_emitted.items():
+            if k < self.num_tokens:
+                self.num_emitted[request_id] = k + 1
+                is_last = k + 1 == self.num_tokens
+                delta = CompletionDelta(0, f"t{k} ", (k,), (), "length" if is_last else None)
+                outputs.append(RequestOutput(request_id, (delta,), 3, k + 1, is_last))
+        if all(k == self.num_tokens for k in self.num_emitted.values()):
+            self.all_done.set()
+        return StepOutput(outputs, {}, {}, has_unfinished=not self.all_done.is_set())
+
+
+def test_a_reader_that_falls_behind_gets_one_merged_output_and_unary_gets_two():
+    num_tokens = 6
+    want_ids = tuple(range(num_tokens))
+    want_text = "".join(f"t{k} " for k in want_ids)
+
+    async def scenario():
+        handle = ScriptedHandle(num_tokens)
+        front = AsyncEngine(handle, RequestLimits(vocab_size=10, max_model_len=64))
+        params = SamplingParams(max_tokens=num_tokens)
+        paced = front.generate([1, 2, 3], params, "paced")
+        slow = front.generate([1, 2, 3], params, "slow")
+        unary = front.generate([1, 2, 3], params, "unary", is_streamed=False)
+        # NOTE: started together, so that the first step has all three
+        firsts = await asyncio.gather(*(anext(stream) for stream in (paced, slow, unary)))
+        got = {"paced": [firsts[0]]}
+        handle.taken.release()
+        async for output in paced:  # NOTE: keeps up: one output per step
+            got["paced"].append(output)
+            handle.taken.release()
+        await handle.all_done.wait()  # NOTE: the other two read only now: all is queued
+        got["slow"] = [firsts[1]] + [output async for output in slow]
+        got["unary"] = [firsts[2]] + [output async for output in unary]
+        await front.shutdown()
+        return got
+
+    got = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert len(got["paced"]) == num_tokens
+    assert len(got["slow"]) == 2  # the first, then everything queued behind it as one
+    assert len(got["unary"]) == 2  # the first at once, the rest as one
+    for outputs in got.values():
+        assert tuple(t for o in outputs for t in o.deltas[0].token_ids) == want_ids
+        assert "".join(o.deltas[0].text for o in outputs) == want_text
+        assert outputs[-1].finished and outputs[-1].deltas[0].finish_reason == "length"
+        assert outputs[-1].num_output_tokens == num_tokens
