@@ -124,6 +124,12 @@ def _add_others(kinds) -> None:
     grammar.add_argument("--rounds", type=positive_int, default=5)
     grammar.add_argument("--out", type=Path, help="write the JSON report here")
     grammar.set_defaults(func=_json_report("grammar_bench", "bench_grammar"))
+    profile = kinds.add_parser(
+        "profile", help="served vs in-process engine, and every process's CPU per token"
+    )
+    profile.add_argument("--ep", type=positive_int, default=1, help="expert-parallel size")
+    profile.add_argument("--out", type=Path, default=Path("bench-results/profile"))
+    profile.set_defaults(func=_run_profile)
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
@@ -159,6 +165,13 @@ def _run_report(args: argparse.Namespace) -> int:
     from moe_serve.deploy.bench.report import run_report
 
     print(f"wrote {run_report(args.out)}")
+    return 0
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from moe_serve.deploy.bench.profile import render, run_profile
+
+    print(render(run_profile(args.out, args.ep)))
     return 0
 
 

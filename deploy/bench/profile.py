@@ -23,6 +23,8 @@ from moe_serve.deploy.bench.workload import Workload
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 NATIVE = {"raylet": "raylet", "gcs_server": "gcs_server"}  # NOTE: C++: CPU time only
 TOP = 12
+MODEL = "olmoe-512"
+VOCAB_LIMIT = 512  # NOTE: what `bench engine` draws prompts from: the same requests both ways
 # NOTE: py-spy counts a thread blocked in these as running: they are left out of the shares
 WAITS = ("Condition.wait ", "Event.wait ", "select (", "poll (", "Thread.join ", "sleep (")
 # NOTE: a sample counts for the concern of the innermost frame that names one (in this order
@@ -184,11 +186,15 @@ def profile(url: str, model: str, workload: Workload, vocab_limit: int, out: Pat
 
 
 def render(report: dict) -> str:
-    """Markdown: CPU per process and per generated token, then each busy process's top spots."""
+    """Markdown: served vs in-process engine, then CPU per process and per generated token
+    and where each process's busy samples are."""
     load = report["load"]
     lines = [
-        f"{load['output_tokens']} tokens in {load['seconds']:.1f} s "
-        f"({load['output_tokens_per_s']:.0f} tok/s), {load['errors']} errors",
+        f"Served over HTTP at EP = {report['ep']}: {load['output_tokens']} tokens in "
+        f"{load['seconds']:.1f} s = {load['output_tokens_per_s']:.1f} tok/s ({load['errors']} "
+        f"errors); the in-process engine on {report['engine_threads']} torch thread(s), same "
+        f"requests, same run: {report['engine_output_tokens_per_s']:.1f} tok/s; served / "
+        f"engine = **{report['served_vs_engine']:.2f}x**.",
         "",
         "| process | CPU s | CPU ms / token | busy samples by concern | innermost frames |",
         "| --- | ---: | ---: | --- | --- |",
@@ -203,3 +209,49 @@ def render(report: dict) -> str:
             f"| {spots} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def serve_one(path: str, ep: int, http_port: int, grpc_port: int) -> None:
+    """The bench checkpoint served at EP = `ep` on a private Ray instance (its engine actor
+    with the default torch threads: the cores but one)."""
+    from moe_serve.deploy.config import parse_serve_config
+    from moe_serve.deploy.launch import start
+
+    model = {
+        "name": MODEL,
+        "source": path,
+        "device": "cpu",
+        "expert_parallel_size": ep,
+        "max_model_len": 256,
+        "max_num_seqs": 32,
+        "resources": {"replica_cpus": 0.5, "shard_cpus": 0.5},
+    }
+    ports = {"http": {"port": http_port}, "grpc": {"port": grpc_port}}
+    start(parse_serve_config(ports | {"models": [model]}))
+
+
+def run_profile(out: Path, ep: int = 1) -> dict:
+    """In one run: the in-process engine on the bench workload with the served engine actor's
+    torch threads, then the same workload served over HTTP at EP = `ep`, profiled."""
+    import ray
+    from ray import serve
+
+    from moe_serve.deploy.bench.engine_bench import bench_engine
+    from moe_serve.deploy.bench.report import GRPC_PORT, HTTP_PORT, WORKLOAD, checkpoint
+
+    path, threads = checkpoint(), max(1, (os.cpu_count() or 1) - 1)
+    engine = bench_engine(path, WORKLOAD, "float32", False, out / "engine.json", threads)
+    serve_one(path, ep, HTTP_PORT, GRPC_PORT)
+    try:
+        url = f"http://127.0.0.1:{HTTP_PORT}"
+        warm = Workload(**WORKLOAD.__dict__ | {"num_requests": 8})
+        asyncio.run(run_load(Target(MODEL, url), warm, warm.items(VOCAB_LIMIT)))
+        report = profile(url, MODEL, WORKLOAD, VOCAB_LIMIT, out)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    engine_tps = engine["engine"]["tokens_per_s"]
+    report |= {"ep": ep, "engine_threads": threads, "engine_output_tokens_per_s": engine_tps}
+    report["served_vs_engine"] = report["load"]["output_tokens_per_s"] / engine_tps
+    (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
