@@ -25,6 +25,7 @@ from moe_serve.deploy.health import READY_WITHIN_S, Health, assess, needs_serve_
 from moe_serve.deploy.metrics import GatewayMetrics
 from moe_serve.deploy.openai_format import models_body
 from moe_serve.deploy.openai_protocol import ChatCompletionRequest, CompletionRequest
+from moe_serve.deploy.priority import yield_cpu_to_engines
 from moe_serve.models.registry import load_config
 from moe_serve.models.source import resolve_source
 from moe_serve.models.tokenizer import TextTokenizer
@@ -131,6 +132,7 @@ def _write_grpc(access: AccessRecord, context) -> None:
 @serve.ingress(app)
 class Gateway:
     def __init__(self, config: dict, handles: dict, hub) -> None:
+        yield_cpu_to_engines()
         serve_config = ServeConfig.model_validate(config)
         self.models, self.config = serve_config.models, serve_config
         endpoints = {m.name: build_endpoint(m, handles[m.name]) for m in serve_config.models}

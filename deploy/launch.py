@@ -23,6 +23,7 @@ from ray.serve.config import gRPCOptions
 
 from moe_serve.deploy.app import APP_NAME, GRPC_SERVICERS, build_app, serve_logging
 from moe_serve.deploy.config import API_KEY_ENV, ServeConfig
+from moe_serve.deploy.priority import WORKER_NICENESS, WORKER_NICENESS_ENV
 
 GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # read by Serve's proxies at start
 
@@ -49,6 +50,7 @@ def init_ray(config: ServeConfig, address: str | None, log_level: str) -> None:
             raise JoinError(_join_failure(address, exc)) from None
     else:
         os.environ[GRPC_MAX_MESSAGE_ENV] = str(config.grpc.max_message_bytes)
+        os.environ.setdefault(WORKER_NICENESS_ENV, WORKER_NICENESS)  # deploy/priority.py
         if config.api_key is not None:
             os.environ[API_KEY_ENV] = config.api_key
         # NOTE: "local": our own instance even where `ray start` left a cluster file behind

@@ -12,6 +12,7 @@ from ray import serve
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.stats import ReplicaStats
 from moe_serve.deploy.access_log import AccessRecord
+from moe_serve.deploy.priority import yield_cpu_to_engines
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STALE_AFTER_S = 30.0
@@ -22,6 +23,7 @@ class MetricsHub:
     """The latest engine stats of every model replica (replicas push every few seconds)."""
 
     def __init__(self) -> None:
+        yield_cpu_to_engines()
         self.latest: dict[tuple[str, str], tuple[float, ReplicaStats]] = {}
 
     def report(self, model: str, replica: str, stats: ReplicaStats) -> None:

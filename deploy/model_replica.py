@@ -16,6 +16,7 @@ from moe_serve.cluster.params import SamplingParams
 from moe_serve.cluster.ray_replica import create_ray_replica
 from moe_serve.cluster.stats import ReplicaStats
 from moe_serve.deploy.config import ServedModelConfig
+from moe_serve.deploy.priority import yield_cpu_to_engines
 from moe_serve.models.source import resolve_source
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ STATS_PERIOD_S = 2.0
 @serve.deployment
 class ModelReplica:
     async def __init__(self, model: dict, is_cuda: bool, hub) -> None:
+        yield_cpu_to_engines()  # NOTE: this front only; its engine actor is another process
         self.config = ServedModelConfig.model_validate(model)
         checkpoint = await asyncio.to_thread(
             resolve_source, self.config.source, self.config.revision

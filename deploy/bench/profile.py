@@ -137,11 +137,33 @@ def read_samples(raw: Path) -> tuple[Counter, Counter, int]:
     return spots, concerns, kept
 
 
+def engine_steps(url: str) -> int:
+    """The engine steps the server's metrics count, once they have settled (the replicas
+    report every STATS_PERIOD_S: the count must hold for longer than that)."""
+    import httpx
+
+    from moe_serve.deploy.model_replica import STATS_PERIOD_S
+
+    def read() -> int:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        lines = [line for line in text.splitlines() if line.startswith("moe_serve_engine_steps")]
+        return int(sum(float(line.rsplit(" ", 1)[1]) for line in lines))
+
+    value, since = read(), time.monotonic()
+    while time.monotonic() - since < 1.5 * STATS_PERIOD_S:
+        time.sleep(0.25)  # NOTE: polling a counter that is pushed every STATS_PERIOD_S
+        latest = read()
+        if latest != value:
+            value, since = latest, time.monotonic()
+    return value
+
+
 def profile(url: str, model: str, workload: Workload, vocab_limit: int, out: Path) -> dict:
     """Profile every Ray process of this machine while `workload` runs against `url`."""
     out.mkdir(parents=True, exist_ok=True)
     py_spy = str(Path(sys.executable).parent / "py-spy")
     roles = session_processes()
+    steps_before = engine_steps(url)
     before = {pid: cpu_seconds(pid) for pid in roles}
     client_before = resource.getrusage(resource.RUSAGE_SELF)
     recorders = _start_recorders(py_spy, roles, out)
@@ -153,6 +175,7 @@ def profile(url: str, model: str, workload: Workload, vocab_limit: int, out: Pat
         _stop(recorders)
     client = resource.getrusage(resource.RUSAGE_SELF)
     summary = summarize(seconds, results)
+    summary["engine_steps"] = engine_steps(url) - steps_before
     tokens = max(1, summary["output_tokens"])
     processes = []
     for pid, role in roles.items():
@@ -194,7 +217,10 @@ def render(report: dict) -> str:
         f"{load['seconds']:.1f} s = {load['output_tokens_per_s']:.1f} tok/s ({load['errors']} "
         f"errors); the in-process engine on {report['engine_threads']} torch thread(s), same "
         f"requests, same run: {report['engine_output_tokens_per_s']:.1f} tok/s; served / "
-        f"engine = **{report['served_vs_engine']:.2f}x**.",
+        f"engine = **{report['served_vs_engine']:.2f}x**. Engine steps: "
+        f"{load['engine_steps']} served vs {report['engine_steps']} in-process "
+        f"({load['output_tokens'] / max(1, load['engine_steps']):.1f} vs "
+        f"{load['output_tokens'] / max(1, report['engine_steps']):.1f} tokens per step).",
         "",
         "| process | CPU s | CPU ms / token | busy samples by concern | innermost frames |",
         "| --- | ---: | ---: | --- | --- |",
@@ -251,7 +277,12 @@ def run_profile(out: Path, ep: int = 1) -> dict:
         serve.shutdown()
         ray.shutdown()
     engine_tps = engine["engine"]["tokens_per_s"]
-    report |= {"ep": ep, "engine_threads": threads, "engine_output_tokens_per_s": engine_tps}
+    report |= {
+        "ep": ep,
+        "engine_threads": threads,
+        "engine_output_tokens_per_s": engine_tps,
+        "engine_steps": engine["engine"]["steps"],
+    }
     report["served_vs_engine"] = report["load"]["output_tokens_per_s"] / engine_tps
     (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -60,6 +60,37 @@ def _wait_until(condition, timeout_s: float) -> bool:
     return True
 
 
+def _descendants(root: int) -> list[int]:
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):  # NOTE: not a process, or one that ended meanwhile
+            continue
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found, frontier = found + children, children
+    return found
+
+
+def _niceness_by_title(pids: list[int]) -> dict[str, int]:
+    """`ray::Title` (up to a method name) -> the niceness of its threads, for Ray's workers."""
+    found = {}
+    for pid in pids:
+        try:
+            title = (Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]).decode()
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            niceness = {
+                int(t.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16]) for t in tasks
+            }
+        except OSError:  # NOTE: the process ended meanwhile
+            continue
+        if title.startswith("ray::"):
+            found[title.removeprefix("ray::").split(".")[0].split(" ")[0]] = niceness
+    return found
+
+
 def _sessions_of(pid: int) -> list[Path]:
     """Ray names a session after the process that started it: session_<date>_<pid>."""
     return list(RAY_TMP.glob(f"session_*_{pid}"))
@@ -199,6 +230,11 @@ def test_run_serves_quietly_on_its_own_ray_then_sigterm_leaves_no_process(
         assert any(line.split() == ["API", "key", "required"] for line in run.log), run.log
         (session,) = _sessions_of(run.proc.pid)
         assert httpx.get(f"{base}/health", timeout=30).json()["models"] == ["m"]
+        # NOTE: the engine and its shards get the cores first (deploy/priority.py)
+        niceness = _niceness_by_title(_descendants(run.proc.pid))
+        assert niceness["EngineActor"] == {0} and niceness["ExpertShardActor"] == {0}, niceness
+        for role in ("Gateway", "model-m", "MetricsHub"):
+            assert niceness[f"ServeReplica:moe-serve:{role}"] == {19}, niceness
         # NOTE: every replica reports its stats each STATS_PERIOD_S; none of that is printed
         assert _lines_within(run, 3 * STATS_PERIOD_S) == []
         usage = _complete(base, auth)["usage"]
