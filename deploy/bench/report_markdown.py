@@ -44,9 +44,10 @@ Profiled with `torch.profiler` and `py-spy` on the decode step (16 sequences):
 - **Threads.** MKL's small matmuls run 3-4x slower when called from any thread but the
   process's main thread, and Serve runs user code off it: the engine core therefore lives in
   its own single-threaded Ray actor (`EngineActor`), driven one step per call. Ray starts
-  workers at nice 15 with `OMP_NUM_THREADS` set to the actor's CPUs; the engine actor uses all
-  cores but one (measured on 2 cores: a second thread made steps 1.8x slower under the other
-  processes' load).
+  workers at nice 15 (our private instance: 0, with the fronts at 19; see "Where the served
+  path spends its CPU") and sets `OMP_NUM_THREADS` to the actor's CPUs; the engine actor uses
+  all cores but one (measured on 2 cores: a second thread made steps 1.8x slower under the
+  other processes' load).
 - **Dispatch.** Hidden states and routing travel as one packed byte payload (3 collectives per
   MoE layer: counts, payload, results) instead of four.
 - **Where a decode step goes now** (batch 16, float32, 2 threads, 33-44 ms): matmuls ~21 ms,
