@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
+MAX_N = 16  # completions per request
 
 
 class RequestError(ValueError):
@@ -56,7 +57,7 @@ class SamplingParams:
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (self.top_k >= -1, "top_k must be -1, 0 (disabled) or positive"),
             (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
-            (1 <= self.n <= 16, "n must be in [1, 16]"),
+            (1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}]"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),

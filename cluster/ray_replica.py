@@ -14,15 +14,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from moe_serve.cluster.async_engine import AsyncEngine
 from moe_serve.cluster.params import RequestLimits
-from moe_serve.cluster.replica_engine import (
-    ReplicaConfig,
-    ReplicaEngine,
-    ReplicaStats,
-    StepInput,
-    StepOutput,
-)
+from moe_serve.cluster.replica_engine import ReplicaConfig, ReplicaEngine, StepInput, StepOutput
 from moe_serve.cluster.shard import ExpertShard
 from moe_serve.cluster.shard_group import ShardLauncher, ShardSpec
+from moe_serve.cluster.stats import ReplicaStats
 from moe_serve.cluster.transport import CollectiveTransport, local_ip
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ def sampling_params(request: pb.GenerateRequest, is_chat: bool) -> SamplingParam
     logprobs = get("logprobs")
     try:
         return SamplingParams(
-            max_tokens=get("max_tokens", None if is_chat else 16),
+            max_tokens=get("max_tokens", None if is_chat else SamplingParams.max_tokens),
             seed=get("seed"),
             stop=tuple(request.stop),
             stop_token_ids=tuple(request.stop_token_ids),

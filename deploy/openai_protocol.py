@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from moe_serve.cluster.params import MAX_LOGPROBS, RequestError, SamplingParams
+from moe_serve.cluster.params import MAX_LOGPROBS, MAX_N, RequestError, SamplingParams
 
 TokenId = Annotated[int, Field(ge=0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # NOTE: OpenAI's rule
@@ -59,7 +59,7 @@ class SamplingFields(Strict):
     seed: StrictInt | None = Field(None, ge=0, lt=2**63)
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[TokenId] | None = None
-    n: StrictInt = Field(1, ge=1, le=16)
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
@@ -104,7 +104,7 @@ Prompt = StrictStr | list[TokenId] | list[StrictStr] | list[list[TokenId]]
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
-    max_tokens: StrictInt | None = Field(16, ge=1)
+    max_tokens: StrictInt | None = Field(SamplingParams.max_tokens, ge=1)
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
     # NOTE: declared only to refuse them with a clear message (chat completions only)

@@ -240,20 +240,12 @@ def render(report: dict) -> str:
 def serve_one(path: str, ep: int, http_port: int, grpc_port: int) -> None:
     """The bench checkpoint served at EP = `ep` on a private Ray instance (its engine actor
     with the default torch threads: the cores but one)."""
+    from moe_serve.deploy.bench.report import served_model
     from moe_serve.deploy.config import parse_serve_config
     from moe_serve.deploy.launch import start
 
-    model = {
-        "name": MODEL,
-        "source": path,
-        "device": "cpu",
-        "expert_parallel_size": ep,
-        "max_model_len": 256,
-        "max_num_seqs": 32,
-        "resources": {"replica_cpus": 0.5, "shard_cpus": 0.5},
-    }
     ports = {"http": {"port": http_port}, "grpc": {"port": grpc_port}}
-    start(parse_serve_config(ports | {"models": [model]}))
+    start(parse_serve_config(ports | {"models": [served_model(MODEL, path, ep)]}))
 
 
 def run_profile(out: Path, ep: int = 1) -> dict:

@@ -66,6 +66,19 @@ def machine() -> str:
     )
 
 
+def served_model(name: str, path: str, ep: int) -> dict:
+    """The serving config entry of the bench checkpoint at EP = `ep`, on CPU."""
+    return {
+        "name": name,
+        "source": path,
+        "device": "cpu",
+        "expert_parallel_size": ep,
+        "max_model_len": 256,
+        "max_num_seqs": 32,
+        "resources": {"replica_cpus": 0.5, "shard_cpus": 0.5},
+    }
+
+
 def serve_models(path: str):
     """A local Serve app with the checkpoint at EP = 2 and EP = 1."""
     from ray import serve
@@ -74,16 +87,7 @@ def serve_models(path: str):
     from moe_serve.deploy.launch import start
 
     models = [
-        {
-            "name": name,
-            "source": path,
-            "device": "cpu",
-            "expert_parallel_size": ep,
-            "max_model_len": 256,
-            "max_num_seqs": 32,
-            "resources": {"replica_cpus": 0.5, "shard_cpus": 0.5},
-        }
-        for name, ep in (("olmoe-512-ep2", 2), ("olmoe-512-ep1", 1))
+        served_model(name, path, ep) for name, ep in (("olmoe-512-ep2", 2), ("olmoe-512-ep1", 1))
     ]
     start(
         parse_serve_config(

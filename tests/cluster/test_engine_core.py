@@ -146,31 +146,34 @@ def test_n_completions_use_consecutive_seeds(olmoe):
     assert together.usage == (4, 36)
 
 
+def churn(engine: EngineCore, num_requests: int, max_live: int, abort_rate: float, new, check):
+    """Random traffic until done: up to `max_live` requests in flight, `new()` -> (prompt,
+    params) for each new one, a step, then each live request aborted with `abort_rate`;
+    `check()` after every step."""
+    rng = random.Random(num_requests)
+    pending, live = [f"r{i}" for i in range(num_requests)], set()
+    while pending or engine.has_unfinished:
+        while pending and len(live) < max_live:
+            request_id = pending.pop()
+            engine.add_request(request_id, *new())
+            live.add(request_id)
+        live -= {out.request_id for out in engine.step() if out.finished}
+        for request_id in [r for r in sorted(live) if rng.random() < abort_rate]:
+            assert engine.abort(request_id).finished
+            live.discard(request_id)
+        check()
+
+
 def test_no_block_leaks_after_200_requests_with_random_aborts(olmoe):
     rng = random.Random(3)
     vocab = olmoe.model.config.vocab_size
-    pending = [f"r{i}" for i in range(200)]
-    live: set[str] = set()
-    while pending or olmoe.has_unfinished:
-        while pending and len(live) < 24:
-            request_id = pending.pop()
-            prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 30))]
-            olmoe.add_request(
-                request_id,
-                prompt,
-                SamplingParams(
-                    max_tokens=rng.randint(1, 20),
-                    temperature=rng.choice([0.0, 1.0]),
-                    n=rng.choice([1, 1, 2]),
-                ),
-            )
-            live.add(request_id)
-        for out in olmoe.step():
-            if out.finished:
-                live.discard(out.request_id)
-        for request_id in [r for r in sorted(live) if rng.random() < 0.05]:
-            assert olmoe.abort(request_id).finished
-            live.discard(request_id)
+
+    def new():
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 30))]
+        n = rng.choice([1, 1, 2])
+        return prompt, SamplingParams(rng.randint(1, 20), rng.choice([0.0, 1.0]), n=n)
+
+    churn(olmoe, 200, 24, 0.05, new, lambda: None)
     assert olmoe.blocks.num_free_blocks == olmoe.blocks.num_blocks
     assert not olmoe.requests and not olmoe.owner and not olmoe.scheduler.has_unfinished
 

@@ -13,7 +13,7 @@ from moe_serve.cluster.params import SamplingParams
 from moe_serve.cluster.replica_engine import ReplicaConfig, ReplicaEngine
 from moe_serve.models.tiny import ARCHS
 from tests.cluster.test_block_manager import assert_accounting
-from tests.cluster.test_engine_core import greedy, make_engine, run
+from tests.cluster.test_engine_core import churn, greedy, make_engine, run
 
 
 def family_prompts(vocab: int, seed: int, num_families: int = 4, per_family: int = 4):
@@ -133,27 +133,22 @@ def test_no_block_leaks_with_hits_aborts_preemptions_and_evictions(tiny_dirs):
     )
     rng = random.Random(4)
     prefixes = [[rng.randrange(96) for _ in range(rng.randint(3, 20))] for _ in range(5)]
-    pending, live = [f"r{i}" for i in range(150)], set()
-    while pending or engine.has_unfinished:
-        while pending and len(live) < 12:
-            request_id = pending.pop()
-            prompt = rng.choice(prefixes) + [rng.randrange(96) for _ in range(rng.randint(1, 8))]
-            params = SamplingParams(
-                max_tokens=rng.randint(1, 16),
-                temperature=rng.choice([0.0, 1.0]),
-                n=rng.choice([1, 1, 2, 3]),
-                prompt_logprobs=rng.choice([None, None, None, 1]),
-            )
-            engine.add_request(request_id, prompt, params)
-            live.add(request_id)
-        for out in engine.step():
-            if out.finished:
-                live.discard(out.request_id)
-        for request_id in [r for r in sorted(live) if rng.random() < 0.03]:
-            assert engine.abort(request_id).finished
-            live.discard(request_id)
+
+    def new():
+        prompt = rng.choice(prefixes) + [rng.randrange(96) for _ in range(rng.randint(1, 8))]
+        params = SamplingParams(
+            max_tokens=rng.randint(1, 16),
+            temperature=rng.choice([0.0, 1.0]),
+            n=rng.choice([1, 1, 2, 3]),
+            prompt_logprobs=rng.choice([None, None, None, 1]),
+        )
+        return prompt, params
+
+    def check():
         holders = [s for state in engine.requests.values() for s in state.seqs if s.block_ids]
         assert_accounting(engine.blocks, holders)
+
+    churn(engine, 150, 12, 0.03, new, check)
     assert_accounting(engine.blocks, [])
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     assert not engine.requests and not engine.owner and not engine.held
