@@ -7,6 +7,7 @@ import yaml
 
 from moe_serve.deploy.config import API_KEY_ENV, parse_serve_config
 from moe_serve.deploy.limits import LimitsConfig
+from moe_serve.deploy.priority import WORKER_NICENESS, WORKER_NICENESS_ENV
 from tests.helm.conftest import VALUE_SETS
 from tests.helm.crd import as_ray_cluster, crd_errors
 from tests.helm.helm_tool import CHART, render, run_helm
@@ -127,6 +128,12 @@ def test_every_option_still_matches_crd(tmp_path, autoscaler):
     assert cluster["enableInTreeAutoscaling"] is autoscaler
     assert ("autoscalerOptions" in cluster) is autoscaler
     assert cluster["authOptions"] == {"mode": "token"}
+
+
+def test_ray_workers_start_at_the_niceness_moe_serve_run_gives_them(helm):
+    for group, container in ray_containers(render()).items():
+        # NOTE: deploy/priority.py: the engine actors must not start below Ray's own processes
+        assert env_of(container)[WORKER_NICENESS_ENV]["value"] == WORKER_NICENESS, group
 
 
 def test_limits_metrics_and_grpc_message_size_follow_values(helm):

@@ -66,6 +66,8 @@ env:
     value: {{ printf "%s/moe-serve" $values.modelCache.mountPath | quote }}
   - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE  # read by Serve's gRPC proxy when it starts
     value: {{ $values.serve.grpcMaxMessageBytes | int64 | toString | quote }}
+  - name: RAY_worker_niceness  # Ray's default 15 puts the engine actors below Ray's own processes
+    value: "0"
   {{- with $values.huggingface.existingSecret }}
   - name: HF_TOKEN
     valueFrom:
