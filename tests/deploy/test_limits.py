@@ -88,13 +88,17 @@ def test_health_watch_streams_are_bounded_and_freed_when_closed(server):
         health = health_pb2_grpc.HealthStub(channel)
         deadline = time.monotonic() + 30
         while True:  # NOTE: streams other tests closed are freed asynchronously
+            opened = []
             try:
-                first = _open_watch(health)
-                second = _open_watch(health)
+                opened.append(_open_watch(health))
+                opened.append(_open_watch(health))
                 break
             except grpc.RpcError:
-                assert time.monotonic() < deadline
+                for call, _ in opened:  # NOTE: else this loop itself holds the slots
+                    call.cancel()
+                assert time.monotonic() < deadline, "Watch streams of other tests stay open"
                 time.sleep(0.5)
+        first, second = opened
         assert first[1] == second[1] == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as error:
             _open_watch(health)
