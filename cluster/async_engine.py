@@ -17,13 +17,8 @@ from typing import Protocol
 
 from moe_serve.cluster.outputs import RequestOutput, merge_outputs
 from moe_serve.cluster.params import RequestError, RequestLimits, SamplingParams
-from moe_serve.cluster.replica_engine import (
-    NewRequest,
-    ReplicaConfig,
-    ReplicaStats,
-    StepInput,
-    StepOutput,
-)
+from moe_serve.cluster.replica_engine import NewRequest, ReplicaConfig, StepInput, StepOutput
+from moe_serve.cluster.stats import ReplicaStats
 
 log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 2

@@ -57,6 +57,26 @@ def concern(frames: list[str]) -> str:
     return "other"
 
 
+def process_title(pid: int) -> str:
+    """What a process calls itself (argv[0]; a Ray worker's is `ray::Role.method`); OSError
+    once it has ended."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+
+
+def ray_role(title: str) -> str | None:
+    """A Ray worker's role from its title, without the method it runs (`ray::EngineActor.step`
+    -> `EngineActor`); None for a process that is not a Ray worker."""
+    if not title.startswith("ray::"):
+        return None
+    return title.removeprefix("ray::").split(".")[0].split(" ")[0]
+
+
+def stat_fields(stat: Path) -> list[str]:
+    """The fields of a /proc/<pid>/stat (or task/<tid>/stat) after the command name, whose
+    parentheses may hold anything: [0] is the state, [1] the parent, [16] the niceness."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
 def session_processes() -> dict[int, str]:
     """pid -> role of this machine's Ray processes: workers by their title (`ray::Role...`),
     the raylet and the GCS by their executable."""
@@ -65,20 +85,18 @@ def session_processes() -> dict[int, str]:
         if not entry.name.isdigit():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            title = process_title(int(entry.name))
         except OSError:
             continue
-        title = argv[0].decode(errors="replace")
-        if title.startswith("ray::"):
-            roles[int(entry.name)] = title.removeprefix("ray::").split(".")[0].split(" ")[0]
-        elif Path(title).name in NATIVE:
-            roles[int(entry.name)] = NATIVE[Path(title).name]
+        role = ray_role(title) or NATIVE.get(Path(title).name)
+        if role is not None:
+            roles[int(entry.name)] = role
     return roles
 
 
 def cpu_seconds(pid: int) -> float:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat_fields(Path(f"/proc/{pid}/stat"))
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # NOTE: utime, stime
@@ -203,9 +221,7 @@ def profile(url: str, model: str, workload: Workload, vocab_limit: int, out: Pat
         }
     )
     processes.sort(key=lambda p: -p["cpu_s"])
-    report = {"load": summary, "processes": processes}
-    (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return {"load": summary, "processes": processes}
 
 
 def render(report: dict) -> str:

@@ -22,6 +22,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file, save_file
 
+from moe_serve.deploy.bench.profile import process_title, ray_role, stat_fields
 from moe_serve.deploy.model_replica import STATS_PERIOD_S
 from moe_serve.protos import moe_serving_pb2 as pb
 from moe_serve.protos import moe_serving_pb2_grpc as pb_grpc
@@ -64,7 +65,7 @@ def _descendants(root: int) -> list[int]:
     parents = {}
     for proc in Path("/proc").iterdir():
         try:
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            parents[int(proc.name)] = int(stat_fields(proc / "stat")[1])
         except (OSError, ValueError):  # NOTE: not a process, or one that ended meanwhile
             continue
     found, frontier = [], [root]
@@ -74,20 +75,18 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def _niceness_by_title(pids: list[int]) -> dict[str, int]:
-    """`ray::Title` (up to a method name) -> the niceness of its threads, for Ray's workers."""
+def _niceness_by_role(pids: list[int]) -> dict[str, set[int]]:
+    """A Ray worker's role -> the niceness of its threads, for those of `pids`."""
     found = {}
     for pid in pids:
         try:
-            title = (Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]).decode()
+            role = ray_role(process_title(pid))
             tasks = list(Path(f"/proc/{pid}/task").iterdir())
-            niceness = {
-                int(t.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16]) for t in tasks
-            }
+            niceness = {int(stat_fields(t / "stat")[16]) for t in tasks}
         except OSError:  # NOTE: the process ended meanwhile
             continue
-        if title.startswith("ray::"):
-            found[title.removeprefix("ray::").split(".")[0].split(" ")[0]] = niceness
+        if role is not None:
+            found[role] = niceness
     return found
 
 
@@ -231,7 +230,7 @@ def test_run_serves_quietly_on_its_own_ray_then_sigterm_leaves_no_process(
         (session,) = _sessions_of(run.proc.pid)
         assert httpx.get(f"{base}/health", timeout=30).json()["models"] == ["m"]
         # NOTE: the engine and its shards get the cores first (deploy/priority.py)
-        niceness = _niceness_by_title(_descendants(run.proc.pid))
+        niceness = _niceness_by_role(_descendants(run.proc.pid))
         assert niceness["EngineActor"] == {0} and niceness["ExpertShardActor"] == {0}, niceness
         for role in ("Gateway", "model-m", "MetricsHub"):
             assert niceness[f"ServeReplica:moe-serve:{role}"] == {19}, niceness
