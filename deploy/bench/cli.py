@@ -84,6 +84,9 @@ def _add_online(kinds) -> None:
     online.add_argument("--api-key", default=None)
     online.add_argument("--sweep", default=None, help="concurrency levels, e.g. 1,4,16")
     online.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    online.add_argument(
+        "--unary", action="store_true", help="HTTP: non-streamed requests (one JSON body each)"
+    )
     online.add_argument("--vocab-limit", type=int, default=500, help="prompt ids below this")
     online.add_argument("--baseline-checkpoint", help="also run transformers on this checkpoint")
     online.add_argument("--baseline-dtype", default="float32")
@@ -111,6 +114,12 @@ def _add_others(kinds) -> None:
     step.add_argument("--output-tokens", type=int, default=32)
     step.add_argument("--dtype", default=None)
     step.add_argument("--shard-cpus", type=float, default=0.5, help="Ray CPUs per shard actor")
+    step.add_argument(
+        "--max-fixed-dispatch-tokens",
+        type=int,
+        default=None,
+        help="steps up to this many tokens dispatch in fixed-capacity mode (0: all exact)",
+    )
     step.add_argument("--out", type=Path, help="write the JSON rows here")
     step.set_defaults(func=_run_step)
     grammar = kinds.add_parser("grammar", help="decode step cost of a JSON-schema constraint")
@@ -130,6 +139,12 @@ def _add_others(kinds) -> None:
     profile.add_argument("--ep", type=positive_int, default=1, help="expert-parallel size")
     profile.add_argument("--out", type=Path, default=Path("bench-results/profile"))
     profile.set_defaults(func=_run_profile)
+    served = kinds.add_parser(
+        "served", help="served HTTP/gRPC, streamed and unary, vs the in-process engine"
+    )
+    served.add_argument("--ep", type=positive_int, default=1, help="expert-parallel size")
+    served.add_argument("--out", type=Path, help="write the JSON report here")
+    served.set_defaults(func=_run_served)
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
@@ -146,7 +161,7 @@ def _run_online(args: argparse.Namespace) -> int:
 
     workload = workload_of(args)
     levels = [int(c) for c in args.sweep.split(",")] if args.sweep else [workload.concurrency]
-    target = Target(args.model, args.url, args.grpc, args.api_key, args.temperature)
+    target = Target(args.model, args.url, args.grpc, args.api_key, args.temperature, not args.unary)
     report = bench_online(
         target,
         workload,
@@ -175,20 +190,35 @@ def _run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_served(args: argparse.Namespace) -> int:
+    from moe_serve.deploy.bench.served_bench import bench_served, render
+
+    print(render(bench_served(args.ep, args.out)))
+    return 0
+
+
 def _run_step(args: argparse.Namespace) -> int:
     from moe_serve.deploy.bench.step_bench import measure
 
     batches = [int(b) for b in args.batch.split(",")]
-    print(f"{'ep':>3} {'batch':>6} {'ms/step':>9} {'bytes/step':>12} {'min bytes':>12}", flush=True)
+    fixed = {}
+    if args.max_fixed_dispatch_tokens is not None:
+        fixed["max_fixed_dispatch_tokens"] = args.max_fixed_dispatch_tokens
+    print(
+        f"{'ep':>3} {'batch':>6} {'ms/step':>9} {'bytes/step':>12} {'min bytes':>12} "
+        f"{'collectives':>11} {'fixed':>6}",
+        flush=True,
+    )
     rows = []
     for ep in (int(e) for e in args.ep.split(",")):
         for r in measure(
-            args.checkpoint, ep, batches, args.output_tokens, args.dtype, args.shard_cpus
+            args.checkpoint, ep, batches, args.output_tokens, args.dtype, args.shard_cpus, **fixed
         ):
             rows.append(r)
             print(
                 f"{r['ep']:>3} {r['batch']:>6} {r['ms_per_step']:>9.2f} "
-                f"{r['bytes_per_step']:>12.0f} {r['min_bytes_per_step']:>12.0f}",
+                f"{r['bytes_per_step']:>12.0f} {r['min_bytes_per_step']:>12.0f} "
+                f"{r['collectives_per_step']:>11.1f} {r['fixed_capacity_steps']:>6.0%}",
                 flush=True,
             )
     if args.out:

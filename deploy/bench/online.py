@@ -35,6 +35,7 @@ class Target:
     grpc_address: str | None = None  # host:port
     api_key: str | None = None
     temperature: float = 0.0
+    is_streamed: bool = True  # HTTP only: False sends `"stream": false` (one JSON body)
 
 
 def _finish(result: RequestResult, start: float, first: float | None, end: float) -> None:
@@ -55,9 +56,11 @@ async def _http_request(
         "temperature": target.temperature,
         "seed": seed,
         "ignore_eos": True,
-        "stream": True,
+        "stream": target.is_streamed,
         "logprobs": 0,
     }
+    if not target.is_streamed:
+        return await _http_unary(client, target, body)
     result, start, first = RequestResult(ok=True), time.perf_counter(), None
     async with client.stream("POST", f"{target.url}/v1/completions", json=body) as response:
         if response.status_code != 200:
@@ -78,6 +81,17 @@ async def _http_request(
                     result.output_tokens += new
     _finish(result, start, first, time.perf_counter())
     return result
+
+
+async def _http_unary(client: httpx.AsyncClient, target: Target, body: dict) -> RequestResult:
+    """A non-streamed completion: its tokens arrive at once (time to first token = latency)."""
+    start = time.perf_counter()
+    response = await client.post(f"{target.url}/v1/completions", json=body)
+    end = time.perf_counter()
+    if response.status_code != 200:
+        return RequestResult(ok=False, error=f"HTTP {response.status_code}: {response.text[:200]}")
+    tokens = response.json()["usage"]["completion_tokens"]
+    return RequestResult(ok=True, output_tokens=tokens, ttft_s=end - start, latency_s=end - start)
 
 
 async def _grpc_request(stub, target: Target, item: WorkItem, seed: int) -> RequestResult:

@@ -21,7 +21,7 @@ from moe_serve.deploy.bench.online import Target, run_load, summarize
 from moe_serve.deploy.bench.workload import Workload
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-NATIVE = {"raylet": "raylet", "gcs_server": "gcs_server"}  # NOTE: C++: CPU time only
+NATIVE = {"raylet": "raylet", "gcs_server": "gcs_server", "haproxy": "haproxy"}  # NOTE: C/C++
 TOP = 12
 MODEL = "olmoe-512"
 VOCAB_LIMIT = 512  # NOTE: what `bench engine` draws prompts from: the same requests both ways

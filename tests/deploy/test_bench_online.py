@@ -6,14 +6,22 @@ import json
 
 import pytest
 
+from moe_serve.deploy.bench.workload import Workload
 from moe_serve.deploy.cli import main
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("transport", ["http", "grpc"])
+ENDPOINTS = {
+    "http": lambda server: ["--url", server.http],
+    "http unary": lambda server: ["--url", server.http, "--unary"],
+    "grpc": lambda server: ["--grpc", server.grpc],
+}
+
+
+@pytest.mark.parametrize("transport", sorted(ENDPOINTS))
 def test_online_bench_writes_a_report_and_plots(server, tmp_path, capsys, transport):
-    endpoint = ["--url", server.http] if transport == "http" else ["--grpc", server.grpc]
+    endpoint = ENDPOINTS[transport](server)
     args = [
         "bench",
         "online",
@@ -36,9 +44,11 @@ def test_online_bench_writes_a_report_and_plots(server, tmp_path, capsys, transp
     assert main(args) == 0
     report = json.loads((tmp_path / "online.json").read_text())
     assert [level["concurrency"] for level in report["levels"]] == [1, 3]
+    # NOTE: ignore_eos: each request makes exactly its max_tokens, drawn as the bench draws them
+    expected = sum(item.max_tokens for item in Workload(6, 1, (2, 8), (2, 6)).items(500))
     for level in report["levels"]:
         assert level["errors"] == 0 and level["requests"] == 6
-        assert level["output_tokens"] >= 12 and level["ttft_s"]["p50"] > 0
+        assert level["output_tokens"] == expected and level["ttft_s"]["p50"] > 0
     assert (tmp_path / "throughput.png").stat().st_size > 1000
     assert (tmp_path / "latency_cdf.png").stat().st_size > 1000
     assert "tok/s" in capsys.readouterr().out
