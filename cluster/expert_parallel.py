@@ -31,50 +31,88 @@ def _step_failure(exc: TransportError) -> ShardFailure:
 
 
 class DispatchCounters:
-    """Per-layer, per-expert routed token counts and bytes moved (read from any thread)."""
+    """Per-layer, per-expert routed token counts and bytes moved (read from any thread). The
+    per-layer counts live on the dispatch device and are only added to there: counting costs
+    the hot loop no host sync; a snapshot pays one."""
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
         self.expert_tokens = torch.zeros(num_layers, num_experts, dtype=torch.long)
-        self.bytes_sent = self.bytes_received = self.min_bytes = self.num_steps = 0
+        self.min_bytes = torch.zeros((), dtype=torch.long)
+        self.bytes_sent = self.bytes_received = self.num_steps = self.num_fixed_steps = 0
+        self.num_collectives = 0  # of transports already replaced (see Dispatcher.attach)
         self.lock = threading.Lock()
 
-    def snapshot(self) -> DispatchStats:
+    def to(self, device: torch.device) -> None:
+        with self.lock:
+            self.expert_tokens = self.expert_tokens.to(device)
+            self.min_bytes = self.min_bytes.to(device)
+
+    def snapshot(self, num_collectives: int) -> DispatchStats:
         with self.lock:
             return DispatchStats(
                 tuple(map(tuple, self.expert_tokens.tolist())),
                 self.bytes_sent,
                 self.bytes_received,
-                self.min_bytes,
+                int(self.min_bytes),
                 self.num_steps,
+                self.num_fixed_steps,
+                self.num_collectives + num_collectives,
             )
 
 
 class Dispatcher:
     """Sends each step's header and each layer's tokens; swapped onto a new transport when the
-    replica rebuilds its shards."""
+    replica rebuilds its shards.
 
-    def __init__(self, placement: ExpertPlacement, model: MoeForCausalLM) -> None:
+    Two modes, chosen per step from its token count T (the shards read it in the header):
+    - fixed capacity (T <= `max_fixed_tokens`, decode-sized): every token goes to every shard
+      in one broadcast, and each shard returns T rows (zeros for tokens none of its experts
+      serve): 2 collectives per layer, no count exchange, no host sync; the rows sent beyond
+      the minimum are the tokens a shard has no expert for.
+    - exact: each token goes once to each shard holding one of its experts: 3 collectives per
+      layer (counts, rows, results) and bytes at the minimum, at the price of host syncs.
+    """
+
+    def __init__(
+        self, placement: ExpertPlacement, model: MoeForCausalLM, max_fixed_tokens: int = 64
+    ) -> None:
         cfg = model.config
         self.placement, self.top_k, self.hidden_size = (
             placement,
             cfg.num_experts_per_tok,
             cfg.hidden_size,
         )
+        self.max_fixed_tokens, self.is_fixed = max_fixed_tokens, False
         self.shard_of = torch.tensor(placement.shard_of, dtype=torch.long)
+        self.shards = torch.arange(placement.num_shards)
         self.counters = DispatchCounters(cfg.num_layers, cfg.num_experts)
         self.transport: CollectiveTransport | None = None
 
     def attach(self, transport: CollectiveTransport) -> None:
+        self.detach()
         self.transport = transport
         self.shard_of = self.shard_of.to(transport.device)
+        self.shards = self.shards.to(transport.device)
+        self.counters.to(transport.device)
 
-    def _send_header(self, command: Command) -> None:
+    def detach(self) -> None:
+        """Abort the group (`CollectiveTransport.close`); its collectives stay counted."""
+        if self.transport is not None:
+            self.counters.num_collectives += self.transport.num_collectives
+            self.transport.close()
+            self.transport = None
+
+    def snapshot(self) -> DispatchStats:
+        return self.counters.snapshot(self.transport.num_collectives if self.transport else 0)
+
+    def _send_header(self, command: Command, num_tokens: int = 0) -> None:
         if self.transport is None:
             raise ShardFailure(
                 "the expert shards of this replica are not connected (a rebuild is pending)"
             )
-        header = torch.tensor([int(command)], dtype=torch.long, device=self.transport.device)
-        self.transport.broadcast(header)
+        words = [int(command), num_tokens, int(self.is_fixed)]  # shard.HEADER_WORDS
+        device = self.transport.device
+        self.transport.broadcast(torch.tensor(words, dtype=torch.long, device=device))
 
     def ping(self) -> None:
         try:
@@ -85,26 +123,44 @@ class Dispatcher:
     def stop(self) -> None:
         self._send_header(Command.STOP)
 
-    def begin_step(self) -> None:
-        """Open a step on the shards, before each forward pass: they then take one round of
-        all-to-alls per MoE layer, in layer order."""
+    def begin_step(self, num_tokens: int) -> None:
+        """Open a step of `num_tokens` tokens on the shards, before each forward pass: they
+        then take one round of collectives per MoE layer, in layer order."""
+        self.is_fixed = num_tokens <= self.max_fixed_tokens
         try:
-            self._send_header(Command.STEP)
+            self._send_header(Command.STEP, num_tokens)
         except TransportError as exc:
             raise _step_failure(exc) from exc
         with self.counters.lock:
             self.counters.num_steps += 1
+            self.counters.num_fixed_steps += self.is_fixed
 
     def dispatch(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
         """hidden [T, H], topk_ids/weights [T, K] -> the experts' weighted sum [T, H]."""
         try:
-            return self._dispatch(layer, hidden, topk_ids, topk_weights)
+            if self.is_fixed:
+                return self._fixed(layer, hidden, topk_ids, topk_weights)
+            return self._exact(layer, hidden, topk_ids, topk_weights)
         except TransportError as exc:
             raise _step_failure(exc) from exc
 
-    def _dispatch(self, layer, hidden, topk_ids, topk_weights):
+    def _fixed(self, layer, hidden, topk_ids, topk_weights):
+        transport, num_shards, num_tokens = self.transport, self.placement.num_shards, len(hidden)
+        transport.broadcast(pack_rows(hidden, topk_ids, topk_weights))
+        receive = [0] + [num_tokens] * num_shards
+        results = transport.all_to_all(hidden[:0], [0] * transport.world_size, receive)
+        hits = (self.shard_of[topk_ids].unsqueeze(-1) == self.shards).any(dim=1)  # [T, N]
+        self._count(layer, topk_ids, hidden, num_shards * num_tokens, hits.sum())
+        out = results[:num_tokens]
+        for shard in range(1, num_shards):  # NOTE: in shard order, as the exact mode adds them
+            out = out + results[shard * num_tokens : (shard + 1) * num_tokens]
+        return out
+
+    def _exact(self, layer, hidden, topk_ids, topk_weights):
+        # NOTE: host syncs, by design of this mode: nonzero() per shard, and the count exchange
+        # read back (.tolist()): a variable-size all-to-all needs its sizes on the host
         transport = self.transport
         shard_of = self.shard_of[topk_ids]  # [T, K]
         token_ids = [
@@ -117,20 +173,22 @@ class Dispatcher:
         rows = pack_rows(hidden[order], topk_ids[order], topk_weights[order])
         transport.all_to_all(rows, counts, [0] * transport.world_size)
         results = transport.all_to_all(hidden[:0], [0] * transport.world_size, counts)
-        self._count(layer, topk_ids, order.numel(), hidden)
+        self._count(layer, topk_ids, hidden, order.numel(), order.numel())
         return torch.zeros_like(hidden).index_add_(0, order, results)
 
-    def _count(self, layer: int, topk_ids: torch.Tensor, rows: int, hidden: torch.Tensor) -> None:
+    def _count(self, layer, topk_ids, hidden, num_rows: int, min_rows) -> None:
+        """`num_rows` token rows went out (and as many came back); `min_rows` (an int or a
+        tensor on the device) is the (token, shard) pairs the routing needs."""
         row_bytes = self.hidden_size * hidden.element_size()
         counters = self.counters
         routed = torch.bincount(topk_ids.flatten(), minlength=counters.expert_tokens.shape[1])
         with counters.lock:
-            counters.expert_tokens[layer] += routed.cpu()
-            counters.bytes_sent += rows * payload_row_bytes(
+            counters.expert_tokens[layer] += routed
+            counters.bytes_sent += num_rows * payload_row_bytes(
                 self.hidden_size, hidden.dtype, self.top_k
             )
-            counters.bytes_received += rows * row_bytes
-            counters.min_bytes += 2 * rows * row_bytes  # NOTE: tokens x distinct shards, both ways
+            counters.bytes_received += num_rows * row_bytes
+            counters.min_bytes += 2 * row_bytes * min_rows  # NOTE: both ways
 
 
 class ExpertParallelExecutor(BaseExperts):
@@ -146,7 +204,7 @@ class ExpertParallelExecutor(BaseExperts):
 
 def install_expert_parallel(runner: ModelRunner, dispatcher: Dispatcher) -> None:
     """Replace every MoE layer's experts with the expert-parallel executor, and open a step on
-    the shards before each of the runner's forward passes."""
+    the shards before each of the runner's forward passes (with its token count)."""
     for layer, block in enumerate(runner.model.moe_blocks()):
         block.experts = ExpertParallelExecutor(dispatcher, layer)
     runner.step_hook = dispatcher.begin_step

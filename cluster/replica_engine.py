@@ -40,6 +40,9 @@ class ReplicaConfig:
     placement: Strategy = "contiguous"
     engine: EngineConfig = field(default_factory=EngineConfig)
     collective_timeout_s: float = 30.0  # every collective, and the shards' join
+    # steps of at most this many tokens dispatch in fixed-capacity mode (no count exchange, no
+    # host sync per layer; see `Dispatcher`); 0: every step exact
+    max_fixed_dispatch_tokens: int = 64
     idle_ping_s: float = 1.0  # keepalive to idle shards (detects a dead shard while idle)
     max_rebuild_failures: int = RebuildPolicy.max_failures  # in a row; then unhealthy
     rebuild_backoff_s: float = RebuildPolicy.backoff_s  # after a failed rebuild; then doubles
@@ -105,7 +108,7 @@ class ReplicaEngine:
                 model.config.num_experts, config.expert_parallel_size, config.placement
             )
             self.launcher = launcher
-            self.dispatcher = Dispatcher(placement, model)
+            self.dispatcher = Dispatcher(placement, model, config.max_fixed_dispatch_tokens)
             install_expert_parallel(self.core.runner, self.dispatcher)
             spec = ShardSpec(
                 config.checkpoint, config.dtype, self.device.type, config.collective_timeout_s

@@ -29,7 +29,8 @@ def kv_cache_bytes_per_block(model: MoeForCausalLM, block_size: int) -> int:
 
 class ModelRunner:
     """Runs the model over the paged cache, one scheduled batch per step. `step_hook`, when
-    set, is called before each forward pass (expert parallelism opens the shards' step)."""
+    set, is called with the step's token count before each forward pass (expert parallelism
+    opens the shards' step)."""
 
     def __init__(self, model: MoeForCausalLM, num_blocks: int, block_size: int) -> None:
         cfg = model.config
@@ -44,7 +45,7 @@ class ModelRunner:
             param.dtype,
             param.device,
         )
-        self.step_hook: Callable[[], None] | None = None
+        self.step_hook: Callable[[int], None] | None = None
 
     def _flatten(self, batch: list[ScheduledSeq]):
         input_ids: list[int] = []
@@ -71,7 +72,7 @@ class ModelRunner:
         `prompt_logprob_ids` while their chunk lies in the prompt."""
         input_ids, positions, meta = self._flatten(batch)
         if self.step_hook is not None:
-            self.step_hook()
+            self.step_hook(len(input_ids))
         hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [T, H]
         ends, offset = [], 0
         prompt: dict[int, torch.Tensor] = {}

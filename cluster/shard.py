@@ -1,15 +1,20 @@
 """An expert shard: a slice of every MoE layer's experts, driven by collectives.
 
 Per-step protocol (rank 0 is the attention actor):
-  header   broadcast [command]: STEP, PING (keepalive), STOP
-  STEP, for each MoE layer in order:
-    counts   all-to-all: rank 0 tells shard s how many tokens it sends (n_s)
-    payload  all-to-all: n_s rows of bytes, each a token state [H] (model dtype) followed by
-             its top-k global expert ids and weights [2K] (float32); a token goes to a shard
-             once, however many of its experts live there
-    results  all-to-all back: [n_s, H], the token's experts on this shard, summed with
-             their routing weights (weights are applied here, on the shard)
-Shapes: H hidden, K top-k.
+  header   broadcast [command, T, is_fixed]: STEP (of T tokens), PING (keepalive), STOP
+  STEP, for each MoE layer in order, in the mode the header names (see `Dispatcher`):
+    fixed capacity (decode-sized steps):
+      payload  broadcast: all T rows (the row format below) to every shard
+      results  all-to-all back: [T, H] from each shard (zeros where none of its experts serve)
+    exact:
+      counts   all-to-all: rank 0 tells shard s how many tokens it sends (n_s)
+      payload  all-to-all: n_s rows; a token goes to a shard once, however many of its experts
+               live there
+      results  all-to-all back: [n_s, H]
+  A payload row is bytes: a token state [H] (model dtype), then its top-k global expert ids and
+  weights [2K] (float32); a result row is the token's experts on this shard, summed with their
+  routing weights (applied here, on the shard).
+Shapes: H hidden, K top-k, T tokens in the step.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ def unpack_rows(rows: torch.Tensor, hidden_size: int, top_k: int, dtype: torch.d
     if hidden.shape[1] != hidden_size:
         raise ValueError(f"payload rows carry {hidden.shape[1]} hidden values, not {hidden_size}")
     return hidden, routing[:, :top_k].long(), routing[:, top_k:].to(dtype)
+
+
+HEADER_WORDS = 3  # command, the step's token count, fixed-capacity mode (1) or exact (0)
 
 
 class Command(enum.IntEnum):
@@ -87,25 +95,37 @@ class ExpertShard:
 
     def serve(self, transport: CollectiveTransport) -> int:
         """Run the protocol until STOP; returns the number of steps served."""
-        header = torch.zeros(1, dtype=torch.long, device=self.device)
+        header = torch.zeros(HEADER_WORDS, dtype=torch.long, device=self.device)
         while True:
-            command = int(transport.broadcast(header)[0])
+            # NOTE: one host sync per step, here on the shard: its loop branches on the header
+            command, num_tokens, is_fixed = transport.broadcast(header).tolist()
             if command == Command.STOP:
                 return self.num_steps
             if command == Command.STEP:
+                layer = self._fixed_layer if is_fixed else self._exact_layer
                 for experts in self.experts:
-                    self._layer(transport, experts)
+                    layer(transport, experts, num_tokens)
                 self.num_steps += 1
 
-    @torch.inference_mode()
-    def _layer(self, transport: CollectiveTransport, experts: LocalExperts) -> None:
-        world, hidden_size = transport.world_size, self.config.hidden_size
+    def _rows(self, num_rows: int) -> torch.Tensor:
         top_k = self.config.num_experts_per_tok
-        recv_counts = transport.exchange_counts([0] * world)
-        nothing = [0] * world
-        row_bytes = payload_row_bytes(hidden_size, self.dtype, top_k)
-        rows = transport.all_to_all(
-            torch.empty(0, row_bytes, dtype=torch.uint8, device=self.device), nothing, recv_counts
-        )
-        hidden, topk_ids, topk_weights = unpack_rows(rows, hidden_size, top_k, self.dtype)
-        transport.all_to_all(experts(hidden, topk_ids, topk_weights), recv_counts, nothing)
+        row_bytes = payload_row_bytes(self.config.hidden_size, self.dtype, top_k)
+        return torch.empty(num_rows, row_bytes, dtype=torch.uint8, device=self.device)
+
+    def _compute(self, experts: LocalExperts, rows: torch.Tensor) -> torch.Tensor:
+        top_k = self.config.num_experts_per_tok
+        hidden, ids, weights = unpack_rows(rows, self.config.hidden_size, top_k, self.dtype)
+        return experts(hidden, ids, weights)
+
+    @torch.inference_mode()
+    def _fixed_layer(self, transport, experts: LocalExperts, num_tokens: int) -> None:
+        rows = transport.broadcast(self._rows(num_tokens))
+        back = [num_tokens] + [0] * (transport.world_size - 1)
+        transport.all_to_all(self._compute(experts, rows), back, [0] * transport.world_size)
+
+    @torch.inference_mode()
+    def _exact_layer(self, transport, experts: LocalExperts, num_tokens: int) -> None:
+        nothing = [0] * transport.world_size
+        recv_counts = transport.exchange_counts(nothing)
+        rows = transport.all_to_all(self._rows(0), nothing, recv_counts)
+        transport.all_to_all(self._compute(experts, rows), recv_counts, nothing)

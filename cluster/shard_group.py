@@ -112,7 +112,7 @@ class ShardGroup:
         """A collective failed: abort the group and stop the shards now; rebuild later."""
         log.warning("expert shards lost, rebuilding: %s", error)
         self.down_reason = f"an expert shard failed ({error})"
-        self.disconnect()
+        self.dispatcher.detach()
         self.launcher.stop()
         self.next_attempt_at = time.monotonic()
 
@@ -155,7 +155,7 @@ class ShardGroup:
             self.num_rebuild_failures,
             self.down_reason,
             self.has_given_up,
-            self.dispatcher.counters.snapshot(),
+            self.dispatcher.snapshot(),
         )
 
     def shutdown(self) -> None:
@@ -165,10 +165,5 @@ class ShardGroup:
                 self.dispatcher.stop()
         except Exception as exc:  # NOTE: shards already gone: nothing to tell them
             log.info("shards did not take STOP: %s", exc)
-        self.disconnect()
+        self.dispatcher.detach()
         self.launcher.stop()
-
-    def disconnect(self) -> None:
-        if self.dispatcher.transport is not None:
-            self.dispatcher.transport.close()
-            self.dispatcher.transport = None

@@ -31,6 +31,8 @@ class DispatchStats:
     bytes_received: int  # results back
     min_bytes: int  # tokens x distinct shards x H x bytes, both ways
     num_steps: int
+    num_fixed_steps: int  # steps dispatched in fixed-capacity mode (no count exchange)
+    num_collectives: int  # on the attention rank: step headers, pings and each layer's
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,7 @@ class CollectiveTransport:
         host: str,
     ) -> None:
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.num_collectives = 0  # every collective this rank took part in
         timeout = datetime.timedelta(seconds=timeout_s)
         self.timeout = timeout
         try:
@@ -161,6 +162,7 @@ class CollectiveTransport:
         return cls(store, rank, world_size, device, timeout_s, local_host)
 
     def _wait(self, work, what: str) -> None:
+        self.num_collectives += 1
         try:
             work.wait(self.timeout)
         except RuntimeError as exc:

@@ -38,17 +38,21 @@ async def _decode_window(front: AsyncEngine, batch: int, output_tokens: int):
 
 def _row(ep: int, batch: int, seconds: float, before: ReplicaStats, after: ReplicaStats) -> dict:
     steps = max(after.core.num_steps - before.core.num_steps, 1)
-    moved = minimum = 0
+    moved = minimum = collectives = fixed = 0
     b, a = before.shards.dispatch, after.shards.dispatch
     if a is not None:
         moved = a.bytes_sent + a.bytes_received - b.bytes_sent - b.bytes_received
         minimum = a.min_bytes - b.min_bytes
+        collectives = a.num_collectives - b.num_collectives
+        fixed = a.num_fixed_steps - b.num_fixed_steps
     return {
         "ep": ep,
         "batch": batch,
         "ms_per_step": 1000 * seconds / steps,
         "bytes_per_step": moved / steps,
         "min_bytes_per_step": minimum / steps,
+        "collectives_per_step": collectives / steps,
+        "fixed_capacity_steps": fixed / steps,
     }
 
 
@@ -59,12 +63,20 @@ def measure(
     output_tokens: int,
     dtype: str | None,
     num_cpus_per_shard: float,
+    max_fixed_dispatch_tokens: int = ReplicaConfig.max_fixed_dispatch_tokens,
 ) -> list[dict]:
-    """Rows of {ep, batch, ms_per_step, bytes_per_step, min_bytes_per_step}."""
+    """Rows of {ep, batch, ms_per_step, bytes_per_step, min_bytes_per_step,
+    collectives_per_step, fixed_capacity_steps (the share of steps)}."""
     if not ray.is_initialized():  # NOTE: logical CPUs: every shard gets a process on any box
         ray.init(num_cpus=max(16, 2 + ep), include_dashboard=False, logging_level="warning")
     engine = EngineConfig(max_model_len=8 + output_tokens, max_num_seqs=max(batches))
-    config = ReplicaConfig(checkpoint, dtype=dtype, expert_parallel_size=ep, engine=engine)
+    config = ReplicaConfig(
+        checkpoint,
+        dtype=dtype,
+        expert_parallel_size=ep,
+        engine=engine,
+        max_fixed_dispatch_tokens=max_fixed_dispatch_tokens,
+    )
 
     async def run() -> list[dict]:
         front, _ = create_ray_replica(config, {"num_cpus": 1}, {"num_cpus": num_cpus_per_shard})

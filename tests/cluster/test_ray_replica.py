@@ -76,10 +76,18 @@ def reference(request, tiny_dirs):
     return path, asyncio.run(main())
 
 
-@pytest.mark.parametrize("ep", [2, 3])
-def test_expert_parallel_greedy_equals_ep1(reference, ray_cluster, ep):
+# NOTE: max_fixed_dispatch_tokens 0: every step in the exact mode (else the decode steps are
+# fixed-capacity ones, and prompts of the test's length too)
+@pytest.mark.parametrize(("ep", "max_fixed_dispatch_tokens"), [(2, 64), (3, 64), (3, 0)])
+def test_expert_parallel_greedy_equals_ep1(reference, ray_cluster, ep, max_fixed_dispatch_tokens):
     path, expected = reference
-    config = ReplicaConfig(path, expert_parallel_size=ep, engine=ENGINE, collective_timeout_s=20)
+    config = ReplicaConfig(
+        path,
+        expert_parallel_size=ep,
+        engine=ENGINE,
+        collective_timeout_s=20,
+        max_fixed_dispatch_tokens=max_fixed_dispatch_tokens,
+    )
 
     async def scenario(front, actor):
         return await generate_all(front, prompts()), await actor.stats.remote()
@@ -89,7 +97,9 @@ def test_expert_parallel_greedy_equals_ep1(reference, ray_cluster, ep):
     dispatch = stats.shards.dispatch
     assert torch.tensor(dispatch.expert_tokens).sum() > 0
     assert dispatch.num_steps == stats.core.num_steps > 0  # one begin_step per forward pass
-    assert dispatch.bytes_received * 2 == dispatch.min_bytes  # results: the minimum
+    assert (dispatch.num_fixed_steps > 0) == (max_fixed_dispatch_tokens > 0)
+    if max_fixed_dispatch_tokens == 0:  # the minimum each way (tests/cluster/test_expert_parallel)
+        assert dispatch.bytes_received * 2 == dispatch.min_bytes
     assert stats.shards.num_rebuilds == 0
 
 
