@@ -104,6 +104,8 @@ class ServedModelConfig(Strict):
     enable_prefix_caching: bool = EngineConfig.enable_prefix_caching  # reuse shared prefixes
     max_queued_requests: int = Field(64, ge=1)  # beyond: 429 / RESOURCE_EXHAUSTED at once
     collective_timeout_s: float = Field(ReplicaConfig.collective_timeout_s, gt=0)
+    # steps of at most this many tokens dispatch to the shards in fixed-capacity mode; 0: none
+    max_fixed_dispatch_tokens: int = Field(ReplicaConfig.max_fixed_dispatch_tokens, ge=0)
     max_rebuild_failures: int = Field(ReplicaConfig.max_rebuild_failures, ge=1)  # in a row
     rebuild_backoff_s: float = Field(ReplicaConfig.rebuild_backoff_s, gt=0)  # then doubles
     autoscaling: AutoscalingConfig = AutoscalingConfig()
@@ -149,6 +151,7 @@ class ServedModelConfig(Strict):
             placement=self.placement,
             engine=engine,
             collective_timeout_s=self.collective_timeout_s,
+            max_fixed_dispatch_tokens=self.max_fixed_dispatch_tokens,
             max_rebuild_failures=self.max_rebuild_failures,
             rebuild_backoff_s=self.rebuild_backoff_s,
         )
