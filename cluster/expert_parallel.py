@@ -110,6 +110,8 @@ class Dispatcher:
             raise ShardFailure(
                 "the expert shards of this replica are not connected (a rebuild is pending)"
             )
+        # NOTE: a blocking host-to-device copy on CUDA, once per step, before its forward pass
+        # (the stream is idle then: the last step's tokens were read back)
         words = [int(command), num_tokens, int(self.is_fixed)]  # shard.HEADER_WORDS
         device = self.transport.device
         self.transport.broadcast(torch.tensor(words, dtype=torch.long, device=device))
@@ -181,9 +183,9 @@ class Dispatcher:
         tensor on the device) is the (token, shard) pairs the routing needs."""
         row_bytes = self.hidden_size * hidden.element_size()
         counters = self.counters
-        routed = torch.bincount(topk_ids.flatten(), minlength=counters.expert_tokens.shape[1])
+        flat = topk_ids.flatten()  # NOTE: not bincount, whose output size needs a host sync
         with counters.lock:
-            counters.expert_tokens[layer] += routed
+            counters.expert_tokens[layer].scatter_add_(0, flat, torch.ones_like(flat))
             counters.bytes_sent += num_rows * payload_row_bytes(
                 self.hidden_size, hidden.dtype, self.top_k
             )
