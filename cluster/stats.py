@@ -32,7 +32,7 @@ class DispatchStats:
     min_bytes: int  # tokens x distinct shards x H x bytes, both ways
     num_steps: int
     num_fixed_steps: int  # steps dispatched in fixed-capacity mode (no count exchange)
-    num_collectives: int  # on the attention rank: step headers, pings and each layer's
+    num_collectives: int  # on the attention rank: step headers, pings and every layer's ones
 
 
 @dataclass(frozen=True)
