@@ -149,6 +149,8 @@ class Dispatcher:
             raise _step_failure(exc) from exc
 
     def _fixed(self, layer, hidden, topk_ids, topk_weights):
+        # NOTE: for a given T, static shapes and no host sync: what a CUDA graph of a decode
+        # step needs (the step's header is broadcast before the forward pass, outside it)
         transport, num_shards, num_tokens = self.transport, self.placement.num_shards, len(hidden)
         transport.broadcast(pack_rows(hidden, topk_ids, topk_weights))
         receive = [0] + [num_tokens] * num_shards
