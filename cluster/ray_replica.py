@@ -132,6 +132,11 @@ class RayShardLauncher(ShardLauncher):
         return list(self.summaries)
 
 
+def default_engine_threads() -> int:
+    """An engine actor's torch threads unless configured: all cores but one."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 @ray.remote(max_restarts=0)
 class EngineActor:
     """The router/attention actor of a replica: a ReplicaEngine on this process's main
@@ -147,7 +152,7 @@ class EngineActor:
         # NOTE: Ray sets OMP_NUM_THREADS to the actor's (often fractional -> 1) CPU count and
         # runs workers at nice 15. Default: all cores but one, which the front, raylet and
         # shards need; measured on 2 cores, 2 threads here made steps 1.8x slower than 1.
-        torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) - 1))
+        torch.set_num_threads(num_threads or default_engine_threads())
         self.config, self.shard_options = config, shard_options or {}
         self.engine: ReplicaEngine | None = None
 

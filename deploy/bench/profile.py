@@ -102,6 +102,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # NOTE: utime, stime
 
 
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuMeter:
+    """CPU seconds used since it was made by each Ray process of this machine (`roles`, as
+    `session_processes` finds them) and by this process (the load generator)."""
+
+    def __init__(self) -> None:
+        self.roles = session_processes()
+        self.before = {pid: cpu_seconds(pid) for pid in self.roles}
+        self.own_before = own_cpu_seconds()
+
+    def used(self) -> dict[int, float]:
+        return {pid: cpu_seconds(pid) - before for pid, before in self.before.items()}
+
+    def own_used(self) -> float:
+        return own_cpu_seconds() - self.own_before
+
+
 def _start_recorders(py_spy: str, roles: dict[int, str], out: Path) -> dict[int, subprocess.Popen]:
     recorders = {}
     for pid, role in roles.items():
@@ -180,10 +201,8 @@ def profile(url: str, model: str, workload: Workload, vocab_limit: int, out: Pat
     """Profile every Ray process of this machine while `workload` runs against `url`."""
     out.mkdir(parents=True, exist_ok=True)
     py_spy = str(Path(sys.executable).parent / "py-spy")
-    roles = session_processes()
-    steps_before = engine_steps(url)
-    before = {pid: cpu_seconds(pid) for pid in roles}
-    client_before = resource.getrusage(resource.RUSAGE_SELF)
+    steps_before, meter = engine_steps(url), CpuMeter()
+    roles = meter.roles
     recorders = _start_recorders(py_spy, roles, out)
     time.sleep(1.0)  # NOTE: py-spy attaches asynchronously; the load must not start first
     try:
@@ -191,25 +210,23 @@ def profile(url: str, model: str, workload: Workload, vocab_limit: int, out: Pat
         seconds, results = asyncio.run(run_load(Target(model, url), workload, items))
     finally:
         _stop(recorders)
-    client = resource.getrusage(resource.RUSAGE_SELF)
+    used, client_s = meter.used(), meter.own_used()
     summary = summarize(seconds, results)
     summary["engine_steps"] = engine_steps(url) - steps_before
     tokens = max(1, summary["output_tokens"])
     processes = []
     for pid, role in roles.items():
-        used = cpu_seconds(pid) - before[pid]
         spots, concerns, kept = read_samples(out / f"{pid}.txt")
         processes.append(
             {
                 "pid": pid,
                 "role": role,
-                "cpu_s": used,
-                "cpu_ms_per_token": 1000 * used / tokens,
+                "cpu_s": used[pid],
+                "cpu_ms_per_token": 1000 * used[pid] / tokens,
                 "self_time": {k: v / max(1, kept) for k, v in spots.most_common(TOP)},
                 "concerns": {k: v / max(1, kept) for k, v in concerns.most_common()},
             }
         )
-    client_s = client.ru_utime + client.ru_stime - client_before.ru_utime - client_before.ru_stime
     processes.append(
         {
             "pid": os.getpid(),
@@ -270,10 +287,11 @@ def run_profile(out: Path, ep: int = 1) -> dict:
     import ray
     from ray import serve
 
+    from moe_serve.cluster.ray_replica import default_engine_threads
     from moe_serve.deploy.bench.engine_bench import bench_engine
     from moe_serve.deploy.bench.report import GRPC_PORT, HTTP_PORT, WORKLOAD, checkpoint
 
-    path, threads = checkpoint(), max(1, (os.cpu_count() or 1) - 1)
+    path, threads = checkpoint(), default_engine_threads()
     engine = bench_engine(path, WORKLOAD, "float32", False, out / "engine.json", threads)
     serve_one(path, ep, HTTP_PORT, GRPC_PORT)
     try:

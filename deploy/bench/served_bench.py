@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import resource
 from pathlib import Path
 
 from moe_serve.deploy.bench.online import Target, run_load, summarize
@@ -22,20 +20,15 @@ VARIANTS = ("http streamed", "http unary", "grpc streamed")
 def _measured(target: Target, workload: Workload, items: list, url: str) -> dict:
     """One load run: its summary, the engine steps it took, and each Ray process's CPU ms per
     output token (from /proc)."""
-    from moe_serve.deploy.bench.profile import cpu_seconds, engine_steps, session_processes
+    from moe_serve.deploy.bench.profile import CpuMeter, engine_steps
 
-    roles, steps = session_processes(), engine_steps(url)
-    before = {pid: cpu_seconds(pid) for pid in roles}
-    client_before = resource.getrusage(resource.RUSAGE_SELF)
+    steps, meter = engine_steps(url), CpuMeter()
     summary = summarize(*asyncio.run(run_load(target, workload, items)))
-    client = resource.getrusage(resource.RUSAGE_SELF)
-    tokens = max(1, summary["output_tokens"])
-    summary["engine_steps"] = engine_steps(url) - steps
-    cpu: dict[str, float] = {}
-    for pid, role in roles.items():
-        cpu[role] = cpu.get(role, 0.0) + 1000 * (cpu_seconds(pid) - before[pid]) / tokens
-    client_s = sum(getattr(client, f) - getattr(client_before, f) for f in ("ru_utime", "ru_stime"))
-    cpu["load generator"] = 1000 * client_s / tokens
+    used, own, tokens = meter.used(), meter.own_used(), max(1, summary["output_tokens"])
+    summary["engine_steps"] = engine_steps(url) - steps  # NOTE: after the CPU is read: it polls
+    cpu: dict[str, float] = {"load generator": 1000 * own / tokens}
+    for pid, role in meter.roles.items():
+        cpu[role] = cpu.get(role, 0.0) + 1000 * used[pid] / tokens
     summary["cpu_ms_per_token"] = dict(sorted(cpu.items(), key=lambda kv: -kv[1]))
     return summary
 
@@ -84,11 +77,12 @@ def _served_runs(ep: int, workload: Workload, items: list) -> dict[str, dict]:
 def bench_served(ep: int = 1, out: Path | None = None) -> dict:
     """Tokens/s of each served variant, of the engine runs, and the ratios the issue asks for:
     served / engine, gRPC / HTTP, streamed / unary."""
+    from moe_serve.cluster.ray_replica import default_engine_threads
     from moe_serve.deploy.bench.engine_bench import bench_engine
     from moe_serve.deploy.bench.profile import VOCAB_LIMIT
     from moe_serve.deploy.bench.report import WORKLOAD, checkpoint
 
-    path, threads = checkpoint(), max(1, (os.cpu_count() or 1) - 1)
+    path, threads = checkpoint(), default_engine_threads()
     items = WORKLOAD.items(VOCAB_LIMIT)
     before = bench_engine(path, WORKLOAD, "float32", False, None, threads)["engine"]
     served = _served_runs(ep, WORKLOAD, items)

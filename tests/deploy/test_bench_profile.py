@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
-from moe_serve.deploy.bench.profile import cpu_seconds, read_samples, where
+from moe_serve.deploy.bench.profile import CpuMeter, cpu_seconds, read_samples, where
 
 SITE = "/venv/lib/python3.11/site-packages"
 STDLIB = "/usr/lib/python3.11"
@@ -58,3 +59,12 @@ def test_cpu_seconds_reads_a_process_cpu_time():
     finally:
         proc.communicate(b"", timeout=30)
     assert cpu_seconds(os.getpid()) > 0
+
+
+def test_cpu_meter_counts_this_process_cpu_since_it_was_made():
+    meter, started = CpuMeter(), time.process_time()
+    while time.process_time() - started < 0.3:  # NOTE: busy: CPU time, read by another clock
+        pass
+    spent = time.process_time() - started
+    assert abs(meter.own_used() - spent) < 0.05
+    assert set(meter.used()) == set(meter.roles)
