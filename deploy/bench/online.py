@@ -65,9 +65,7 @@ async def _http_request(
     async with client.stream("POST", f"{target.url}/v1/completions", json=body) as response:
         if response.status_code != 200:
             await response.aread()
-            return RequestResult(
-                ok=False, error=f"HTTP {response.status_code}: {response.text[:200]}"
-            )
+            return _refused(response)
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -83,13 +81,17 @@ async def _http_request(
     return result
 
 
+def _refused(response: httpx.Response) -> RequestResult:
+    return RequestResult(ok=False, error=f"HTTP {response.status_code}: {response.text[:200]}")
+
+
 async def _http_unary(client: httpx.AsyncClient, target: Target, body: dict) -> RequestResult:
     """A non-streamed completion: its tokens arrive at once (time to first token = latency)."""
     start = time.perf_counter()
     response = await client.post(f"{target.url}/v1/completions", json=body)
     end = time.perf_counter()
     if response.status_code != 200:
-        return RequestResult(ok=False, error=f"HTTP {response.status_code}: {response.text[:200]}")
+        return _refused(response)
     tokens = response.json()["usage"]["completion_tokens"]
     return RequestResult(ok=True, output_tokens=tokens, ttft_s=end - start, latency_s=end - start)
 
