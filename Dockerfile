@@ -5,6 +5,12 @@
 ARG BASE_IMAGE=rayproject/ray:2.60.0-py311-gpu
 FROM ${BASE_IMAGE}
 
+# Attention compiles its kernels at run time (torch.compile: C++ on CPU, Triton on CUDA), which
+# needs a C/C++ compiler on every node.
+USER root
+RUN command -v g++ || (apt-get update && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*)
+
 # The base image's user, ray (uid 1000, group users 100); numeric so runAsNonRoot can verify it.
 USER 1000:100
 ARG SRC=/home/ray/moe-serve

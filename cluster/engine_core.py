@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 
@@ -22,6 +23,7 @@ from moe_serve.cluster.sampler import SamplingRow, TokenLogprobs, sample, token_
 from moe_serve.cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from moe_serve.cluster.sequence import Sequence
 from moe_serve.cluster.stats import EngineStats
+from moe_serve.models.attention import AttentionBackend
 from moe_serve.models.base import MoeForCausalLM
 from moe_serve.models.tokenizer import TextTokenizer
 
@@ -42,10 +44,18 @@ class EngineConfig:
     # max_num_seqs sequences of max_model_len tokens can use
     enable_chunked_prefill: bool = SchedulerConfig.enable_chunked_prefill
     enable_prefix_caching: bool = True  # reuse computed KV blocks of a prompt's cached prefix
+    # "flex": attention reads the paged cache in place (compiled flex_attention); "sdpa":
+    # each step gathers the context it reads into contiguous copies (the baseline)
+    attention_backend: AttentionBackend = "flex"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
             raise ValueError("block_size and num_kv_blocks must be positive")
+        if self.attention_backend not in get_args(AttentionBackend):
+            raise ValueError(
+                f"attention_backend must be one of {get_args(AttentionBackend)}, "
+                f"not {self.attention_backend!r}"
+            )
 
 
 def _num_blocks(config: EngineConfig, model: MoeForCausalLM, max_model_len: int) -> int:
@@ -100,7 +110,7 @@ class EngineCore:
             ),
             self.blocks,
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention_backend)
         self.requests: dict[str, RequestState] = {}
         self.owner: dict[int, tuple[RequestState, int]] = {}  # seq_id -> (request, index)
         # seq_id of a request's first sample -> its other samples, queued once the first has

@@ -9,8 +9,14 @@ from dataclasses import dataclass
 import torch
 
 from moe_serve.cluster.scheduler import ScheduledSeq
-from moe_serve.models.attention import AttentionMetadata, LayerKVCache, allocate_kv_cache
+from moe_serve.models.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    LayerKVCache,
+    allocate_kv_cache,
+)
 from moe_serve.models.base import MoeForCausalLM
+from moe_serve.models.paged_flex import warm_up
 
 
 @dataclass(frozen=True)
@@ -32,10 +38,17 @@ class ModelRunner:
     set, is called with the step's token count before each forward pass (expert parallelism
     opens the shards' step)."""
 
-    def __init__(self, model: MoeForCausalLM, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        model: MoeForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        attention_backend: AttentionBackend = "flex",
+    ) -> None:
         cfg = model.config
         param = model.materialised
         self.model, self.block_size, self.device = model, block_size, param.device
+        self.num_blocks, self.attention_backend = num_blocks, attention_backend
         self.kv_caches: list[LayerKVCache] = allocate_kv_cache(
             cfg.num_layers,
             num_blocks,
@@ -46,6 +59,8 @@ class ModelRunner:
             param.device,
         )
         self.step_hook: Callable[[int], None] | None = None
+        if attention_backend == "flex":
+            warm_up(self.kv_caches[0].key, cfg.num_heads, block_size)
 
     def _flatten(self, batch: list[ScheduledSeq]):
         input_ids: list[int] = []
@@ -59,6 +74,8 @@ class ModelRunner:
             [item.start + item.num_tokens for item in batch],
             [item.seq.block_ids for item in batch],
             self.block_size,
+            self.num_blocks,
+            self.attention_backend,
             self.device,
         )
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731

@@ -102,6 +102,8 @@ class ServedModelConfig(Strict):
     kv_cache_blocks: int | None = Field(None, ge=1)
     kv_cache_memory_gb: float | None = Field(None, gt=0)
     enable_prefix_caching: bool = EngineConfig.enable_prefix_caching  # reuse shared prefixes
+    # "flex": attention reads the paged cache in place; "sdpa": gathers it (the baseline)
+    attention_backend: Literal["flex", "sdpa"] = EngineConfig.attention_backend
     max_queued_requests: int = Field(64, ge=1)  # beyond: 429 / RESOURCE_EXHAUSTED at once
     collective_timeout_s: float = Field(ReplicaConfig.collective_timeout_s, gt=0)
     # steps of at most this many tokens dispatch to the shards in fixed-capacity mode; 0: none
@@ -142,6 +144,7 @@ class ServedModelConfig(Strict):
             num_kv_blocks=self.kv_cache_blocks,
             kv_cache_bytes=int(memory * GIB) if memory is not None else None,
             enable_prefix_caching=self.enable_prefix_caching,
+            attention_backend=self.attention_backend,
         )
         return ReplicaConfig(
             checkpoint,

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from moe_serve.models.attention import AttentionMetadata, allocate_kv_cache
+from moe_serve.models.attention import AttentionBackend, AttentionMetadata, allocate_kv_cache
 from moe_serve.models.base import MoeForCausalLM
 
 HF_CLASSES = {
@@ -61,10 +61,17 @@ class PagedRunner:
     """Runs sequences through a model step by step over a paged cache (blocks handed out in
     order, never freed): the smallest engine that exercises the forward contract."""
 
-    def __init__(self, model: MoeForCausalLM, num_blocks: int = 128, block_size: int = 4):
+    def __init__(
+        self,
+        model: MoeForCausalLM,
+        num_blocks: int = 128,
+        block_size: int = 4,
+        attention_backend: AttentionBackend = "flex",
+    ):
         cfg = model.config
         dtype = next(model.parameters()).dtype
-        self.model, self.block_size = model, block_size
+        self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
+        self.attention_backend = attention_backend
         self.caches = allocate_kv_cache(
             cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype
         )
@@ -90,8 +97,10 @@ class PagedRunner:
             tables.append(self._reserve(seq, self.lens[seq]))
             ids.extend(tokens)
             positions.extend(range(start, start + len(tokens)))
-        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size)
-        with torch.no_grad():
+        meta = AttentionMetadata.build(
+            query_lens, seq_lens, tables, self.block_size, self.num_blocks, self.attention_backend
+        )
+        with torch.inference_mode():  # NOTE: as the engine runs: the same compiled kernels
             hidden = self.model(torch.tensor(ids), torch.tensor(positions), meta, self.caches)
             logits = self.model.compute_logits(hidden)
         return dict(zip(batch, logits.split(query_lens), strict=True))

@@ -16,6 +16,10 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_int_list(text: str) -> list[int]:
+    return [positive_int(part) for part in text.split(",")]
+
+
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=48)
     p.add_argument("--concurrency", type=int, default=16)
@@ -147,12 +151,28 @@ def _add_others(kinds) -> None:
     served.set_defaults(func=_run_served)
 
 
+def _add_context(kinds) -> None:
+    context = kinds.add_parser(
+        "context", help="decode step at a short and a long context, per attention backend"
+    )
+    context.add_argument("--checkpoint", required=True)
+    context.add_argument("--contexts", type=positive_int_list, default=[100, 2000])
+    context.add_argument("--batch", type=positive_int, default=16)
+    context.add_argument("--output-tokens", type=positive_int, default=48)
+    context.add_argument("--rounds", type=positive_int, default=2)
+    context.add_argument("--dtype", default=None)
+    context.add_argument("--engine-threads", type=positive_int, default=None)
+    context.add_argument("--out", type=Path, help="write the JSON report here")
+    context.set_defaults(func=_json_report("context_bench", "bench_context"))
+
+
 def add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks, side by side with transformers")
     kinds = bench.add_subparsers(dest="kind", required=True)
     _add_engine(kinds)
     _add_online(kinds)
     _add_others(kinds)
+    _add_context(kinds)
 
 
 def _run_online(args: argparse.Namespace) -> int:

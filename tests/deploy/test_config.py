@@ -95,6 +95,7 @@ def test_replica_config_mapping():
                     "max_model_len": 1024,
                     "kv_cache_memory_gb": 0.5,
                     "placement": "round_robin",
+                    "attention_backend": "sdpa",
                 }
             ]
         }
@@ -107,6 +108,7 @@ def test_replica_config_mapping():
     )
     assert replica.placement == "round_robin" and replica.engine.max_model_len == 1024
     assert replica.engine.kv_cache_bytes == 1 << 29
+    assert replica.engine.attention_backend == "sdpa"
 
 
 def test_the_application_never_carries_the_api_key(tiny_dirs, monkeypatch):
