@@ -75,6 +75,7 @@ def _add_engine(kinds) -> None:
         default=None,
         help="torch threads for the engine side only (default: torch's)",
     )
+    engine.add_argument("--attention-backend", choices=("flex", "sdpa"), default="flex")
     engine.add_argument("--out", type=Path, help="write the JSON report here")
     _add_workload_args(engine)
     engine.set_defaults(func=_json_report("engine_bench", "bench_engine"))

@@ -14,6 +14,7 @@ from moe_serve.cluster.engine_core import EngineConfig, EngineCore
 from moe_serve.cluster.params import SamplingParams
 from moe_serve.deploy.bench.baseline import run_transformers
 from moe_serve.deploy.bench.workload import WorkItem, Workload
+from moe_serve.models.attention import AttentionBackend
 from moe_serve.models.registry import load_model, resolve_dtype
 from moe_serve.models.tokenizer import TextTokenizer
 
@@ -59,12 +60,14 @@ def bench_engine(
     baseline: bool,
     out: Path | None,
     engine_threads: int | None = None,
+    attention_backend: AttentionBackend = EngineConfig.attention_backend,
 ) -> dict:
     """`engine_threads` limits the engine side only (the baseline keeps torch's default)."""
     model = load_model(checkpoint, dtype=dtype)
     config = EngineConfig(
         max_model_len=workload.prompt_len[1] + workload.output_len[1],
         max_num_seqs=workload.concurrency,
+        attention_backend=attention_backend,
     )
     engine = EngineCore(model, TextTokenizer.from_dir(checkpoint), config)
     items = workload.items(min(model.config.vocab_size, 512))
@@ -77,6 +80,7 @@ def bench_engine(
         "workload": asdict(workload),
         "checkpoint": checkpoint,
         "dtype": str(torch_dtype).removeprefix("torch."),
+        "attention_backend": attention_backend,
         "output_tokens": num_tokens,
         "engine": {
             "seconds": seconds,
