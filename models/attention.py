@@ -14,7 +14,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from moe_serve.models.paged_flex import FlexGroup, flex_paged_attention, slot_positions
+from moe_serve.models.paged_flex import (
+    FlexGroup,
+    flex_paged_attention,
+    padded_queries,
+    slot_positions,
+)
 from moe_serve.models.paged_sdpa import SdpaPlan, sdpa_paged_attention
 
 AttentionBackend = Literal["flex", "sdpa"]
@@ -118,6 +123,11 @@ class AttentionMetadata:
         )
 
 
+def _is_fresh(query_len: int, seq_len: int) -> bool:
+    """A prefill with nothing cached before its new tokens."""
+    return 1 < query_len == seq_len
+
+
 @dataclass(frozen=True)
 class FreshPrefills:
     """Prefilling sequences with nothing cached attend to their own new keys only: one causal
@@ -131,14 +141,16 @@ class FreshPrefills:
 
     @classmethod
     def build(cls, query_lens, starts, seq_lens, device) -> FreshPrefills | None:
-        ids = [b for b, (q, s) in enumerate(zip(query_lens, seq_lens, strict=True)) if 1 < q == s]
+        ids = [
+            b for b, (q, s) in enumerate(zip(query_lens, seq_lens, strict=True)) if _is_fresh(q, s)
+        ]
         if not ids:
             return None
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         lens = as_long([query_lens[b] for b in ids])
-        index = torch.arange(int(lens.max()), device=device)[None, :]
-        is_real = index < lens[:, None]
-        token_ids = torch.where(is_real, as_long([starts[b] for b in ids])[:, None] + index, 0)
+        first = torch.zeros_like(lens)
+        query_starts = as_long([starts[b] for b in ids])
+        token_ids, is_real = padded_queries(query_starts, first, lens, int(lens.max()))
         return cls(token_ids, is_real, token_ids[is_real])
 
     def attend(self, query, key, value, scale: float) -> torch.Tensor:
@@ -159,7 +171,7 @@ def _flex_groups(query_lens, starts, seq_lens, block_tables, num_blocks, block_s
         ids = [
             b
             for b, (q, s) in enumerate(zip(query_lens, seq_lens, strict=True))
-            if (q == 1) == is_decode and (q == 1 or q < s)
+            if (q == 1) == is_decode and not _is_fresh(q, s)
         ]
         if ids:
             lists = [[xs[b] for b in ids] for xs in (query_lens, starts, seq_lens, block_tables)]

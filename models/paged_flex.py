@@ -2,9 +2,10 @@
 cache pool, with a block mask built from the block tables (no gather, no boolean mask tensor).
 The same code compiles to a C++ kernel on CPU and a Triton kernel on CUDA.
 
-The pool [N, S, Hkv, D] is viewed as one sequence [1, Hkv, N * S, D]. A step's `slot_positions`
-[N * S + 1] holds, for every slot of every block the step reads, the position in its sequence of
-the token stored there, and NOT_FILLED for slots past a sequence's end. One value per slot is
+The pool [N, S, Hkv, D] is viewed as one sequence [1, Hkv, N * S, D]. A step's
+`slot_positions` (a power of two >= N * S) holds, for every slot of every block the step reads,
+the position in its sequence of the token stored there, and NOT_FILLED for slots past a
+sequence's end. One value per slot is
 enough: only full blocks are shared between sequences (prefix caching), and a shared block holds
 the same positions in every sequence that shares it.
 
@@ -97,19 +98,19 @@ class FlexGroup:
         the step's `slot_positions`. One query per sequence makes a decode group."""
         device = positions.device
         is_decode = max(query_lens) == 1
-        if len(query_lens) == 1:  # NOTE: see _MIN_ROWS
+        if len(query_lens) < _MIN_ROWS:  # NOTE: one padding row, with no blocks
             query_lens, query_starts = [*query_lens, 0], [*query_starts, 0]
             seq_lens, block_tables = [*seq_lens, 0], [*block_tables, [num_blocks - 1]]
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         lens, ends = as_long(query_lens), as_long(seq_lens)
         starts = ends - lens  # position of each sequence's first new token
-        num_queries = 1 if is_decode else int(ends.max())
-        index = torch.arange(num_queries, device=device)[None, :]
-        is_real = (index >= starts[:, None]) & (index < ends[:, None])
+        query_starts = as_long(query_starts)
         if is_decode:
-            is_real = lens[:, None] > 0
-        shift = 0 if is_decode else index - starts[:, None]
-        token_ids = torch.where(is_real, as_long(query_starts)[:, None] + shift, 0)
+            num_queries, is_real = 1, lens[:, None] > 0
+            token_ids = torch.where(is_real, query_starts[:, None], 0)
+        else:
+            num_queries = int(ends.max())
+            token_ids, is_real = padded_queries(query_starts, starts, ends, num_queries)
         width = max(len(t) for t in block_tables)
         tables = as_long([t + [0] * (width - len(t)) for t in block_tables])
         if is_decode:
@@ -129,6 +130,15 @@ class FlexGroup:
             compute_q_blocks=False,
         )
         return cls(token_ids, is_real, token_ids[is_real], block_mask)
+
+
+def padded_queries(query_starts, starts, ends, num_queries: int):
+    """Queries laid out at their positions in their sequences, [G, num_queries]: the flat-batch
+    index of each (padding: 0) and whether it is real (position in starts..ends - 1)."""
+    index = torch.arange(num_queries, device=starts.device)[None, :]
+    is_real = (index >= starts[:, None]) & (index < ends[:, None])
+    token_ids = torch.where(is_real, query_starts[:, None] + index - starts[:, None], 0)
+    return token_ids, is_real
 
 
 def _block_lists(tables, first, last, num_blocks: int, block_size: int):
