@@ -1,7 +1,8 @@
 """The attention rank's side of expert parallelism: an experts executor per MoE layer that
 dispatches tokens to the shards over the transport (protocol in `cluster/shard.py`).
 
-Shapes: T tokens, K top-k, H hidden, E experts, N shards.
+Shapes: T tokens, K top-k, H hidden, E experts, N shards, L MoE layers, S slots of a layer
+(expert copies, numbered shard after shard: `ExpertLayout`), C most copies of one expert.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import threading
 
 import torch
 
-from moe_serve.cluster.placement import ExpertPlacement
+from moe_serve.cluster.placement import ExpertLayout
 from moe_serve.cluster.runner import ModelRunner
 from moe_serve.cluster.shard import Command, pack_rows, payload_row_bytes
 from moe_serve.cluster.stats import DispatchStats
@@ -35,8 +36,10 @@ class DispatchCounters:
     per-layer counts live on the dispatch device and are only added to there: counting costs
     the hot loop no host sync; a snapshot pays one."""
 
-    def __init__(self, num_layers: int, num_experts: int) -> None:
+    def __init__(self, num_layers: int, num_experts: int, num_shards: int) -> None:
         self.expert_tokens = torch.zeros(num_layers, num_experts, dtype=torch.long)
+        self.shard_tokens = torch.zeros(num_layers, num_shards, dtype=torch.long)  # (token, k)
+        self.num_layouts = 0  # layouts applied after the first (EPLB)
         self.min_bytes = torch.zeros((), dtype=torch.long)
         self.bytes_sent = self.bytes_received = self.num_steps = self.num_fixed_steps = 0
         self.num_collectives = 0  # of transports already replaced (see Dispatcher.attach)
@@ -45,6 +48,7 @@ class DispatchCounters:
     def to(self, device: torch.device) -> None:
         with self.lock:
             self.expert_tokens = self.expert_tokens.to(device)
+            self.shard_tokens = self.shard_tokens.to(device)
             self.min_bytes = self.min_bytes.to(device)
 
     def snapshot(self, num_collectives: int) -> DispatchStats:
@@ -57,6 +61,8 @@ class DispatchCounters:
                 self.num_steps,
                 self.num_fixed_steps,
                 self.num_collectives + num_collectives,
+                tuple(map(tuple, self.shard_tokens.tolist())),
+                self.num_layouts,
             )
 
 
@@ -74,25 +80,39 @@ class Dispatcher:
     """
 
     def __init__(
-        self, placement: ExpertPlacement, model: MoeForCausalLM, max_fixed_tokens: int = 64
+        self, layout: ExpertLayout, model: MoeForCausalLM, max_fixed_tokens: int = 64
     ) -> None:
         cfg = model.config
-        self.placement, self.top_k, self.hidden_size = (
-            placement,
-            cfg.num_experts_per_tok,
-            cfg.hidden_size,
-        )
+        self.top_k, self.hidden_size = cfg.num_experts_per_tok, cfg.hidden_size
         self.max_fixed_tokens, self.is_fixed = max_fixed_tokens, False
-        self.shard_of = torch.tensor(placement.shard_of, dtype=torch.long)
-        self.shards = torch.arange(placement.num_shards)
-        self.counters = DispatchCounters(cfg.num_layers, cfg.num_experts)
+        self.device = torch.device("cpu")
+        self.counters = DispatchCounters(cfg.num_layers, cfg.num_experts, layout.num_shards)
         self.transport: CollectiveTransport | None = None
+        self._set_layout(layout)
+
+    def _set_layout(self, layout: ExpertLayout) -> None:
+        """The slot tables, on the dispatch device: slot_shard [L, S], copies [L, E, C] (padded
+        with the expert's first copy), num_copies [L, E]."""
+        self.layout, num_layers = layout, layout.num_layers
+        copies = [layout.copies(layer) for layer in range(num_layers)]
+        most = max(len(c) for layer in copies for c in layer)
+        num_slots = max(len(layout.slot_shards(layer)) for layer in range(num_layers))
+        as_long = lambda rows: torch.tensor(rows, dtype=torch.long, device=self.device)  # noqa: E731
+        self.slot_shard = as_long(
+            [
+                shards + [0] * (num_slots - len(shards))
+                for shards in map(layout.slot_shards, range(num_layers))
+            ]
+        )
+        self.copies = as_long([[c + c[:1] * (most - len(c)) for c in layer] for layer in copies])
+        self.num_copies = as_long([[len(c) for c in layer] for layer in copies])
+        self.is_redundant = most > 1
+        self.shards = torch.arange(layout.num_shards, device=self.device)
 
     def attach(self, transport: CollectiveTransport) -> None:
         self.detach()
-        self.transport = transport
-        self.shard_of = self.shard_of.to(transport.device)
-        self.shards = self.shards.to(transport.device)
+        self.transport, self.device = transport, transport.device
+        self._set_layout(self.layout)
         self.counters.to(transport.device)
 
     def detach(self) -> None:
@@ -125,6 +145,21 @@ class Dispatcher:
     def stop(self) -> None:
         self._send_header(Command.STOP)
 
+    def apply_layout(self, layout: ExpertLayout) -> None:
+        """Between steps: every shard loads its experts of `layout`; the next step dispatches by
+        it. Returns once every shard has acknowledged (raises ShardFailure otherwise)."""
+        words = layout.encode()
+        try:
+            self._send_header(Command.PLACE, len(words))
+            self.transport.broadcast(torch.tensor(words, dtype=torch.long, device=self.device))
+            # NOTE: the shards load their new experts before they answer: within the timeout
+            self.transport.exchange_counts([0] * self.transport.world_size)
+        except TransportError as exc:
+            raise _step_failure(exc) from exc
+        self._set_layout(layout)
+        with self.counters.lock:
+            self.counters.num_layouts += 1
+
     def begin_step(self, num_tokens: int) -> None:
         """Open a step of `num_tokens` tokens on the shards, before each forward pass: they
         then take one round of collectives per MoE layer, in layer order."""
@@ -148,15 +183,28 @@ class Dispatcher:
         except TransportError as exc:
             raise _step_failure(exc) from exc
 
+    def _slots(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
+        """[T, K] expert ids -> the slot computing each: with copies, an expert's (token, k)
+        pairs go to its copies in turn (the n-th to copy n mod copies: an even split)."""
+        if not self.is_redundant:
+            return self.copies[layer, :, 0][topk_ids]
+        flat = topk_ids.flatten()
+        seen = torch.nn.functional.one_hot(flat, self.copies.shape[1]).cumsum(0)  # [T*K, E]
+        rank = seen.gather(1, flat[:, None]).squeeze(1) - 1  # earlier pairs of the same expert
+        pick = rank % self.num_copies[layer, flat]
+        return self.copies[layer, flat, pick].view_as(topk_ids)
+
     def _fixed(self, layer, hidden, topk_ids, topk_weights):
         # NOTE: for a given T, static shapes and no host sync: what a CUDA graph of a decode
         # step needs (the step's header is broadcast before the forward pass, outside it)
-        transport, num_shards, num_tokens = self.transport, self.placement.num_shards, len(hidden)
-        transport.broadcast(pack_rows(hidden, topk_ids, topk_weights))
+        transport, num_shards, num_tokens = self.transport, self.layout.num_shards, len(hidden)
+        slots = self._slots(layer, topk_ids)
+        transport.broadcast(pack_rows(hidden, slots, topk_weights))
         receive = [0] + [num_tokens] * num_shards
         results = transport.all_to_all(hidden[:0], [0] * transport.world_size, receive)
-        hits = (self.shard_of[topk_ids].unsqueeze(-1) == self.shards).any(dim=1)  # [T, N]
-        self._count(layer, topk_ids, hidden, num_shards * num_tokens, hits.sum())
+        owner = self.slot_shard[layer, slots]  # [T, K]
+        hits = (owner.unsqueeze(-1) == self.shards).any(dim=1)  # [T, N]
+        self._count(layer, topk_ids, owner, hidden, num_shards * num_tokens, hits.sum())
         out = results[:num_tokens]
         for shard in range(1, num_shards):  # NOTE: in shard order, as the exact mode adds them
             out = out + results[shard * num_tokens : (shard + 1) * num_tokens]
@@ -166,28 +214,31 @@ class Dispatcher:
         # NOTE: host syncs, by design of this mode: nonzero() per shard, and the count exchange
         # read back (.tolist()): a variable-size all-to-all needs its sizes on the host
         transport = self.transport
-        shard_of = self.shard_of[topk_ids]  # [T, K]
+        slots = self._slots(layer, topk_ids)
+        owner = self.slot_shard[layer, slots]  # [T, K]
         token_ids = [
-            (shard_of == s).any(dim=1).nonzero().squeeze(1)
-            for s in range(self.placement.num_shards)
+            (owner == s).any(dim=1).nonzero().squeeze(1) for s in range(self.layout.num_shards)
         ]  # tokens per shard, once each
         counts = [0] + [int(t.numel()) for t in token_ids]  # NOTE: rank 0 keeps none
         transport.exchange_counts(counts)
         order = torch.cat(token_ids)  # [sum n_s]
-        rows = pack_rows(hidden[order], topk_ids[order], topk_weights[order])
+        rows = pack_rows(hidden[order], slots[order], topk_weights[order])
         transport.all_to_all(rows, counts, [0] * transport.world_size)
         results = transport.all_to_all(hidden[:0], [0] * transport.world_size, counts)
-        self._count(layer, topk_ids, hidden, order.numel(), order.numel())
+        self._count(layer, topk_ids, owner, hidden, order.numel(), order.numel())
         return torch.zeros_like(hidden).index_add_(0, order, results)
 
-    def _count(self, layer, topk_ids, hidden, num_rows: int, min_rows) -> None:
+    def _count(self, layer, topk_ids, owner, hidden, num_rows: int, min_rows) -> None:
         """`num_rows` token rows went out (and as many came back); `min_rows` (an int or a
-        tensor on the device) is the (token, shard) pairs the routing needs."""
+        tensor on the device) is the (token, shard) pairs the routing needs; `owner` [T, K] the
+        shard computing each (token, k)."""
         row_bytes = self.hidden_size * hidden.element_size()
         counters = self.counters
         flat = topk_ids.flatten()  # NOTE: not bincount, whose output size needs a host sync
+        owner = owner.flatten()
         with counters.lock:
             counters.expert_tokens[layer].scatter_add_(0, flat, torch.ones_like(flat))
+            counters.shard_tokens[layer].scatter_add_(0, owner, torch.ones_like(owner))
             counters.bytes_sent += num_rows * payload_row_bytes(
                 self.hidden_size, hidden.dtype, self.top_k
             )

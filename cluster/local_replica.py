@@ -27,9 +27,10 @@ class ThreadShardLauncher(ShardLauncher):
         self.shards: list[ExpertShard] = []
         self.threads: list[threading.Thread] = []
 
-    def start(self, spec, shard_expert_ids, host, port):
+    def start(self, spec, layout, host, port):
         self.shards = [
-            ExpertShard(spec.checkpoint, ids, spec.dtype, spec.device) for ids in shard_expert_ids
+            ExpertShard(spec.checkpoint, layout, index, spec.dtype, spec.device)
+            for index in range(layout.num_shards)
         ]
         world_size = len(self.shards) + 1
         for rank, shard in enumerate(self.shards, start=1):

@@ -14,6 +14,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from moe_serve.cluster.async_engine import AsyncEngine
 from moe_serve.cluster.params import RequestLimits
+from moe_serve.cluster.placement import ExpertLayout
 from moe_serve.cluster.replica_engine import ReplicaConfig, ReplicaEngine, StepInput, StepOutput
 from moe_serve.cluster.shard import ExpertShard
 from moe_serve.cluster.shard_group import ShardLauncher, ShardSpec
@@ -27,12 +28,12 @@ log = logging.getLogger(__name__)
 class ExpertShardActor:
     """One expert shard in its own process (its own GPU on CUDA)."""
 
-    def __init__(self, spec: ShardSpec, expert_ids: tuple[int, ...], num_threads: int) -> None:
+    def __init__(self, spec: ShardSpec, layout: ExpertLayout, index: int, num_threads: int) -> None:
         if spec.device == "cpu":
             torch.set_num_threads(num_threads)
         device = "cuda:0" if spec.device == "cuda" else "cpu"  # NOTE: Ray sets CUDA_VISIBLE_DEVICES
         self.spec = spec
-        self.shard = ExpertShard(spec.checkpoint, expert_ids, spec.dtype, device)
+        self.shard = ExpertShard(spec.checkpoint, layout, index, spec.dtype, device)
 
     def ready(self) -> dict:
         """After loading: the process id and the parameters held (only this shard's experts)."""
@@ -104,10 +105,10 @@ class RayShardLauncher(ShardLauncher):
         options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": 0}
         return in_gang(options, index + 1)
 
-    def start(self, spec, shard_expert_ids, host, port):
+    def start(self, spec, layout, host, port):
         self.actors = [
-            ExpertShardActor.options(**self._options(i)).remote(spec, ids, self.num_threads)
-            for i, ids in enumerate(shard_expert_ids)
+            ExpertShardActor.options(**self._options(i)).remote(spec, layout, i, self.num_threads)
+            for i in range(layout.num_shards)
         ]
         resources = f"{self.num_cpus} CPU, {self.num_gpus} GPU"
         try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_serve.cluster.engine_core import EngineConfig, EngineCore
+from moe_serve.cluster.eplb import Balancer, EplbConfig
 from moe_serve.cluster.expert_parallel import Dispatcher, ShardFailure, install_expert_parallel
 from moe_serve.cluster.outputs import RequestOutput
 from moe_serve.cluster.params import RequestError, SamplingParams
@@ -43,6 +44,7 @@ class ReplicaConfig:
     # steps of at most this many tokens dispatch in fixed-capacity mode (no count exchange, no
     # host sync per layer; see `Dispatcher`); 0: every step exact
     max_fixed_dispatch_tokens: int = 64
+    eplb: EplbConfig = field(default_factory=EplbConfig)  # balancing the shards' load
     idle_ping_s: float = 1.0  # keepalive to idle shards (detects a dead shard while idle)
     max_rebuild_failures: int = RebuildPolicy.max_failures  # in a row; then unhealthy
     rebuild_backoff_s: float = RebuildPolicy.backoff_s  # after a failed rebuild; then doubles
@@ -108,15 +110,16 @@ class ReplicaEngine:
                 model.config.num_experts, config.expert_parallel_size, config.placement
             )
             self.launcher = launcher
-            self.dispatcher = Dispatcher(placement, model, config.max_fixed_dispatch_tokens)
+            self.dispatcher = Dispatcher(
+                placement.layout(model.config.num_layers), model, config.max_fixed_dispatch_tokens
+            )
             install_expert_parallel(self.core.runner, self.dispatcher)
             spec = ShardSpec(
                 config.checkpoint, config.dtype, self.device.type, config.collective_timeout_s
             )
             policy = RebuildPolicy(config.max_rebuild_failures, config.rebuild_backoff_s)
-            self.shards = ShardGroup(
-                spec, placement, launcher, self.dispatcher, self.device, policy
-            )
+            self.shards = ShardGroup(spec, launcher, self.dispatcher, self.device, policy)
+            self.balancer = Balancer(config.eplb, config.expert_parallel_size)
 
     def step(self, message: StepInput) -> StepOutput:
         """Apply aborts and new requests, run one engine step if there is work."""
@@ -137,6 +140,7 @@ class ReplicaEngine:
                 rejected[request.request_id] = str(exc)
         if self.core.has_unfinished:
             try:
+                self._rebalance()
                 outputs.extend(self.core.step())
             except ShardFailure as exc:
                 lost = {rid: str(exc) for rid in list(self.core.requests)}
@@ -145,6 +149,17 @@ class ReplicaEngine:
                 failed |= lost
                 self.shards.lose(exc)
         return StepOutput(outputs, rejected, failed, self.core.has_unfinished)
+
+    def _rebalance(self) -> None:
+        """EPLB, between steps: a new layout from the last window's routing, when one is due."""
+        counters = self.dispatcher.counters if self.shards is not None else None
+        if counters is None or not self.balancer.is_due(counters.num_steps):
+            return
+        with counters.lock:  # NOTE: one host sync per window
+            counts, num_steps = counters.expert_tokens.tolist(), counters.num_steps
+        layout = self.balancer.plan(num_steps, counts, self.dispatcher.layout)
+        if layout is not None:
+            self.shards.apply_layout(layout)
 
     def idle(self) -> None:
         """Keep idle shards' collectives alive (a dead shard is found here); rebuild lost

@@ -1,7 +1,10 @@
 """An expert shard: a slice of every MoE layer's experts, driven by collectives.
 
 Per-step protocol (rank 0 is the attention actor):
-  header   broadcast [command, T, is_fixed]: STEP (of T tokens), PING (keepalive), STOP
+  header   broadcast [command, T, is_fixed]: STEP (of T tokens), PING (keepalive), STOP,
+           PLACE (a new layout of T words follows: EPLB, between steps)
+  PLACE:   layout   broadcast: `ExpertLayout.encode()`; every shard loads its new experts
+           ack      count exchange (all zeros) once loaded: the next step may start
   STEP, for each MoE layer in order, in the mode the header names (see `Dispatcher`):
     fixed capacity (decode-sized steps):
       payload  broadcast: all T rows (the row format below) to every shard
@@ -11,19 +14,19 @@ Per-step protocol (rank 0 is the attention actor):
       payload  all-to-all: n_s rows; a token goes to a shard once, however many of its experts
                live there
       results  all-to-all back: [n_s, H]
-  A payload row is bytes: a token state [H] (model dtype), then its top-k global expert ids and
-  weights [2K] (float32); a result row is the token's experts on this shard, summed with their
-  routing weights (applied here, on the shard).
+  A payload row is bytes: a token state [H] (model dtype), then its top-k slots (which copy of
+  each expert computes it: the layout's slot numbers) and weights [2K] (float32); a result row
+  is the token's experts on this shard, summed with their routing weights (applied here).
 Shapes: H hidden, K top-k, T tokens in the step.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 
 import torch
 
+from moe_serve.cluster.placement import ExpertLayout
 from moe_serve.cluster.transport import CollectiveTransport
 from moe_serve.models.moe import LocalExperts
 from moe_serve.models.registry import load_model
@@ -59,6 +62,7 @@ class Command(enum.IntEnum):
     STEP = 1
     PING = 2
     STOP = 3
+    PLACE = 4
 
 
 def is_mlp_expert(name: str) -> bool:
@@ -67,23 +71,37 @@ def is_mlp_expert(name: str) -> bool:
 
 
 class ExpertShard:
-    """Loads only `expert_ids` of every MoE layer and serves them until told to stop."""
+    """Loads only its experts of every MoE layer (shard `index` of `layout`) and serves them
+    until told to stop; takes a new layout between steps (PLACE)."""
 
     def __init__(
         self,
         checkpoint: str,
-        expert_ids: Sequence[int],
+        layout: ExpertLayout,
+        index: int,
         dtype: str | None,
         device: str | torch.device,
     ) -> None:
-        model = load_model(
-            checkpoint, dtype=dtype, device=device, expert_ids=expert_ids, wanted=is_mlp_expert
-        )
-        self.config = model.config
+        self.checkpoint, self.index, self.dtype_name = checkpoint, index, dtype
         self.device = torch.device(device)
+        self.num_steps = 0
+        self._load(layout)
+
+    def _load(self, layout: ExpertLayout) -> None:
+        model = load_model(
+            self.checkpoint,
+            dtype=self.dtype_name,
+            device=self.device,
+            layer_expert_ids=layout.shard_experts(self.index),
+            wanted=is_mlp_expert,
+        )
+        self.config, self.layout = model.config, layout
         self.experts: list[LocalExperts] = [block.experts for block in model.moe_blocks()]
         self.dtype = self.experts[0].gate_up_proj.dtype
-        self.num_steps = 0
+        self.expert_of_slot = [  # [layer] -> [slot] -> expert id if held here, else -1
+            torch.tensor(layout.slot_experts(layer, self.index), device=self.device)
+            for layer in range(layout.num_layers)
+        ]
 
     def parameter_summary(self) -> dict[str, tuple[int, ...]]:
         """Shape of every materialised parameter (the dense model is never loaded here)."""
@@ -103,29 +121,42 @@ class ExpertShard:
                 return self.num_steps
             if command == Command.STEP:
                 layer = self._fixed_layer if is_fixed else self._exact_layer
-                for experts in self.experts:
-                    layer(transport, experts, num_tokens)
+                for index, experts in enumerate(self.experts):
+                    layer(transport, index, experts, num_tokens)
                 self.num_steps += 1
+            elif command == Command.PLACE:
+                self._place(transport, num_tokens)
+
+    def _place(self, transport: CollectiveTransport, num_words: int) -> None:
+        words = torch.zeros(num_words, dtype=torch.long, device=self.device)
+        words = transport.broadcast(words).tolist()
+        layout = self.layout
+        self._load(
+            ExpertLayout.decode(words, layout.num_experts, layout.num_layers, layout.num_shards)
+        )
+        transport.exchange_counts([0] * transport.world_size)  # NOTE: the ack
 
     def _rows(self, num_rows: int) -> torch.Tensor:
         top_k = self.config.num_experts_per_tok
         row_bytes = payload_row_bytes(self.config.hidden_size, self.dtype, top_k)
         return torch.empty(num_rows, row_bytes, dtype=torch.uint8, device=self.device)
 
-    def _compute(self, experts: LocalExperts, rows: torch.Tensor) -> torch.Tensor:
+    def _compute(self, layer: int, experts: LocalExperts, rows: torch.Tensor) -> torch.Tensor:
         top_k = self.config.num_experts_per_tok
-        hidden, ids, weights = unpack_rows(rows, self.config.hidden_size, top_k, self.dtype)
-        return experts(hidden, ids, weights)
+        hidden, slots, weights = unpack_rows(rows, self.config.hidden_size, top_k, self.dtype)
+        # NOTE: slots of other shards' copies become -1, which the experts skip
+        return experts(hidden, self.expert_of_slot[layer][slots], weights)
 
     @torch.inference_mode()
-    def _fixed_layer(self, transport, experts: LocalExperts, num_tokens: int) -> None:
+    def _fixed_layer(self, transport, layer: int, experts: LocalExperts, num_tokens: int) -> None:
         rows = transport.broadcast(self._rows(num_tokens))
         back = [num_tokens] + [0] * (transport.world_size - 1)
-        transport.all_to_all(self._compute(experts, rows), back, [0] * transport.world_size)
+        out = self._compute(layer, experts, rows)
+        transport.all_to_all(out, back, [0] * transport.world_size)
 
     @torch.inference_mode()
-    def _exact_layer(self, transport, experts: LocalExperts, num_tokens: int) -> None:
+    def _exact_layer(self, transport, layer: int, experts: LocalExperts, num_tokens: int) -> None:
         nothing = [0] * transport.world_size
         recv_counts = transport.exchange_counts(nothing)
         rows = transport.all_to_all(self._rows(0), nothing, recv_counts)
-        transport.all_to_all(self._compute(experts, rows), recv_counts, nothing)
+        transport.all_to_all(self._compute(layer, experts, rows), recv_counts, nothing)

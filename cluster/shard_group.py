@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from moe_serve.cluster.expert_parallel import Dispatcher, ShardFailure
-from moe_serve.cluster.placement import ExpertPlacement
+from moe_serve.cluster.placement import ExpertLayout
 from moe_serve.cluster.stats import ShardGroupStats
 from moe_serve.cluster.transport import CollectiveTransport, Rendezvous, local_ip
 
@@ -41,11 +40,10 @@ class ShardLauncher(ABC):
     (`cluster/ray_replica.py`) or threads of this process (`cluster/local_replica.py`)."""
 
     @abstractmethod
-    def start(
-        self, spec: ShardSpec, shard_expert_ids: Sequence[tuple[int, ...]], host: str, port: int
-    ) -> None:
-        """Load the shards (errors surface here), then let them join the group at host:port
-        and serve; returns without waiting for the join (rank 0 joins next)."""
+    def start(self, spec: ShardSpec, layout: ExpertLayout, host: str, port: int) -> None:
+        """Load the shards (shard i: its experts in `layout`; errors surface here), then let
+        them join the group at host:port and serve; returns without waiting for the join
+        (rank 0 joins next)."""
 
     @abstractmethod
     def stop(self) -> None:
@@ -53,7 +51,7 @@ class ShardLauncher(ABC):
 
     @abstractmethod
     def parameter_summaries(self) -> list[dict[str, tuple[int, ...]]]:
-        """Each shard's materialised parameters and their shapes."""
+        """Each shard's materialised parameters and their shapes, as loaded at start."""
 
 
 @dataclass(frozen=True)
@@ -63,18 +61,18 @@ class RebuildPolicy:
 
 
 class ShardGroup:
-    """Ranks 1..N (the shards) and rank 0's transport (held by the dispatcher)."""
+    """Ranks 1..N (the shards) and rank 0's transport, both held by the dispatcher, whose
+    layout the shards load (a rebuild included)."""
 
     def __init__(
         self,
         spec: ShardSpec,
-        placement: ExpertPlacement,
         launcher: ShardLauncher,
         dispatcher: Dispatcher,
         device: torch.device,
         policy: RebuildPolicy,
     ) -> None:
-        self.spec, self.placement, self.launcher = spec, placement, launcher
+        self.spec, self.launcher = spec, launcher
         self.dispatcher, self.device, self.policy = dispatcher, device, policy
         self.num_rebuilds = 0
         self.num_rebuild_failures = 0  # every failed rebuild (a counter for metrics)
@@ -93,11 +91,12 @@ class ShardGroup:
 
     def connect(self) -> None:
         """Start the shards and form the group (raises if either fails; no shard is left)."""
-        host, world_size = local_ip(), self.placement.num_shards + 1
+        layout = self.dispatcher.layout
+        host, world_size = local_ip(), layout.num_shards + 1
         timeout_s = self.spec.timeout_s
         rendezvous = Rendezvous(host, world_size, timeout_s)
         try:
-            self.launcher.start(self.spec, self.placement.shard_expert_ids, host, rendezvous.port)
+            self.launcher.start(self.spec, layout, host, rendezvous.port)
             transport = CollectiveTransport.join(
                 host, rendezvous.port, 0, world_size, self.device, timeout_s, host
             )
@@ -139,6 +138,10 @@ class ShardGroup:
         if self.has_given_up:
             return f"{self.down_reason}; this replica gave up and is being replaced"
         return f"the expert shards of this replica are down: {self.down_reason}; retry shortly"
+
+    def apply_layout(self, layout: ExpertLayout) -> None:
+        """Between steps, shards up: move to `layout` (raises ShardFailure if a shard fails)."""
+        self.dispatcher.apply_layout(layout)
 
     def ping(self) -> None:
         """Keepalive while idle: a dead shard is found here (and the group lost)."""

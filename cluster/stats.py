@@ -33,6 +33,8 @@ class DispatchStats:
     num_steps: int
     num_fixed_steps: int  # steps dispatched in fixed-capacity mode (no count exchange)
     num_collectives: int  # on the attention rank: step headers, pings and every layer's ones
+    shard_tokens: tuple[tuple[int, ...], ...] = ()  # [layer][shard]: (token, expert) pairs
+    num_layouts: int = 0  # new expert layouts applied on the live replica (EPLB)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moe_serve.cluster.engine_core import EngineConfig
+from moe_serve.cluster.eplb import EplbConfig
 from moe_serve.cluster.replica_engine import ReplicaConfig
 from moe_serve.deploy.limits import LimitsConfig
 
@@ -87,6 +88,19 @@ class ResourcesConfig(Strict):
     torch_threads: int | None = Field(None, ge=1)  # engine actor's threads (default: cores)
 
 
+class EplbSettings(Strict):
+    """Expert-parallel load balancing (cluster/eplb.py): off; static (one new layout after
+    the first window of steps); periodic (a new one from each window, if it gains min_gain)."""
+
+    mode: Literal["off", "static", "periodic"] = EplbConfig.mode
+    window_steps: int = Field(EplbConfig.window_steps, ge=1)
+    num_redundant_experts: int | None = Field(None, ge=0)  # per layer; None: one per shard
+    min_gain: float = Field(EplbConfig.min_gain, ge=0)  # in max/mean shard load
+
+    def config(self) -> EplbConfig:
+        return EplbConfig(**self.model_dump())
+
+
 class ServedModelConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
     source: str = Field(min_length=1)  # a local checkpoint directory or a hub id
@@ -110,6 +124,7 @@ class ServedModelConfig(Strict):
     max_fixed_dispatch_tokens: int = Field(ReplicaConfig.max_fixed_dispatch_tokens, ge=0)
     max_rebuild_failures: int = Field(ReplicaConfig.max_rebuild_failures, ge=1)  # in a row
     rebuild_backoff_s: float = Field(ReplicaConfig.rebuild_backoff_s, gt=0)  # then doubles
+    eplb: EplbSettings = EplbSettings()
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
@@ -131,6 +146,8 @@ class ServedModelConfig(Strict):
     def _one_kv_budget(self) -> ServedModelConfig:
         if self.kv_cache_blocks is not None and self.kv_cache_memory_gb is not None:
             raise ValueError("set kv_cache_blocks or kv_cache_memory_gb, not both")
+        if self.eplb.mode != "off" and self.expert_parallel_size == 1:
+            raise ValueError("eplb balances expert shards: it needs expert_parallel_size > 1")
         return self
 
     def replica_config(self, checkpoint: str) -> ReplicaConfig:
@@ -157,6 +174,7 @@ class ServedModelConfig(Strict):
             max_fixed_dispatch_tokens=self.max_fixed_dispatch_tokens,
             max_rebuild_failures=self.max_rebuild_failures,
             rebuild_backoff_s=self.rebuild_backoff_s,
+            eplb=self.eplb.config(),
         )
 
 

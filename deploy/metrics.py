@@ -85,6 +85,14 @@ class ReplicaCollector:
             "tokens routed to each expert",
             labels=[*labels, "layer", "expert"],
         )
+        shard_load = CounterMetricFamily(
+            "moe_serve_shard_tokens",
+            "(token, expert) pairs each expert shard computed (EPLB evens them out)",
+            labels=[*labels, "layer", "shard"],
+        )
+        layouts = CounterMetricFamily(
+            "moe_serve_eplb_layouts", "new expert layouts applied (EPLB)", labels=labels
+        )
         moved = CounterMetricFamily(
             "moe_serve_dispatch_bytes", "bytes moved to/from shards", labels=[*labels, "direction"]
         )
@@ -105,12 +113,18 @@ class ReplicaCollector:
                 for layer, row in enumerate(dispatch.expert_tokens):
                     for expert, count in enumerate(row):
                         experts.add_metric([*key, str(layer), str(expert)], count)
+                for layer, row in enumerate(dispatch.shard_tokens):
+                    for shard, count in enumerate(row):
+                        shard_load.add_metric([*key, str(layer), str(shard)], count)
+                layouts.add_metric(key, dispatch.num_layouts)
                 moved.add_metric([*key, "sent"], dispatch.bytes_sent)
                 moved.add_metric([*key, "received"], dispatch.bytes_received)
                 moved.add_metric([*key, "minimum"], dispatch.min_bytes)
         yield from gauges.values()
         yield from counters.values()
         yield experts
+        yield shard_load
+        yield layouts
         yield moved
 
 

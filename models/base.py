@@ -84,19 +84,32 @@ class MoeForCausalLM(nn.Module):
 
     Subclasses set `model_type` (config.json's), `architecture`, `name_map`, implement
     `config_from_hf` and `create_attention`. `expert_ids` selects which experts this instance
-    materialises (all by default; none on an attention actor whose experts live in shards).
+    materialises (all by default; none on an attention actor whose experts live in shards);
+    `layer_expert_ids` instead gives each MoE layer its own (an expert shard under EPLB).
     """
 
     model_type: ClassVar[str]
     architecture: ClassVar[str]
     name_map: ClassVar[WeightNameMap]
 
-    def __init__(self, config: ModelConfig, expert_ids: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        expert_ids: Sequence[int] | None = None,
+        layer_expert_ids: Sequence[Sequence[int]] | None = None,
+    ) -> None:
         super().__init__()
-        experts = tuple(range(config.num_experts)) if expert_ids is None else tuple(expert_ids)
+        if layer_expert_ids is None:
+            experts = tuple(range(config.num_experts)) if expert_ids is None else tuple(expert_ids)
+            layer_expert_ids = [experts] * config.num_layers
+        elif expert_ids is not None or len(layer_expert_ids) != config.num_layers:
+            raise ValueError(
+                f"layer_expert_ids needs one entry per layer ({config.num_layers}), "
+                f"and no expert_ids beside it"
+            )
         layers = [
             DecoderLayer(config, self.create_attention(config), MoeBlock(config, experts))
-            for _ in range(config.num_layers)
+            for experts in layer_expert_ids
         ]
         self.model = DecoderModel(config, layers)
         if not config.tie_word_embeddings:

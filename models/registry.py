@@ -116,16 +116,18 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     expert_ids: Sequence[int] | None = None,
+    layer_expert_ids: Sequence[Sequence[int]] | None = None,
     wanted: Callable[[str], bool] = lambda name: True,
 ) -> MoeForCausalLM:
     """Build the model on `meta`, then fill it from the checkpoint in `directory`.
 
-    `expert_ids`: the experts to materialise (default all). `wanted`: which parameters to read
+    `expert_ids`: the experts to materialise (default all), or per layer `layer_expert_ids`
+    (see `MoeForCausalLM`). `wanted`: which parameters to read
     (a shard reads only its experts; the others stay on `meta`).
     """
     cls, config = read_checkpoint_config(directory)
     with torch.device("meta"):
-        model = cls(config, expert_ids)
+        model = cls(config, expert_ids, layer_expert_ids)
     load_weights(
         model,
         CheckpointFiles.open(directory),

@@ -127,6 +127,14 @@ def _add_others(kinds) -> None:
     )
     step.add_argument("--out", type=Path, help="write the JSON rows here")
     step.set_defaults(func=_run_step)
+    eplb = kinds.add_parser("eplb", help="skewed routing: shard balance and step, EPLB off/on")
+    eplb.add_argument("--checkpoint", help="default: the skewed benchmark checkpoint")
+    eplb.add_argument("--ep", type=positive_int, default=2)
+    eplb.add_argument("--batch", type=positive_int, default=16)
+    eplb.add_argument("--output-tokens", type=positive_int, default=32)
+    eplb.add_argument("--rounds", type=positive_int, default=2)
+    eplb.add_argument("--shard-cpus", type=float, default=0.5, help="Ray CPUs per shard actor")
+    eplb.set_defaults(func=_run_eplb)
     grammar = kinds.add_parser("grammar", help="decode step cost of a JSON-schema constraint")
     grammar.add_argument("--checkpoint", required=True)
     grammar.add_argument(
@@ -215,6 +223,17 @@ def _run_served(args: argparse.Namespace) -> int:
     from moe_serve.deploy.bench.served_bench import bench_served, render
 
     print(render(bench_served(args.ep, args.out)))
+    return 0
+
+
+def _run_eplb(args: argparse.Namespace) -> int:
+    from moe_serve.deploy.bench.eplb_bench import measure, render, skewed_checkpoint
+
+    checkpoint = args.checkpoint or skewed_checkpoint()
+    rows = measure(
+        checkpoint, args.ep, args.batch, args.output_tokens, args.rounds, args.shard_cpus
+    )
+    print(render(rows))
     return 0
 
 

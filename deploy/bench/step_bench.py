@@ -17,7 +17,7 @@ from moe_serve.cluster.replica_engine import ReplicaConfig
 from moe_serve.cluster.stats import ReplicaStats
 
 
-async def _decode_window(front: AsyncEngine, batch: int, output_tokens: int):
+async def decode_window(front: AsyncEngine, batch: int, output_tokens: int):
     """Seconds and engine steps from the moment every request has its first token to the end,
     and the dispatch counters over that window."""
     started: set[int] = set()
@@ -82,7 +82,7 @@ def measure(
         front, _ = create_ray_replica(config, {"num_cpus": 1}, {"num_cpus": num_cpus_per_shard})
         try:
             return [
-                _row(ep, batch, *await _decode_window(front, batch, output_tokens))
+                _row(ep, batch, *await decode_window(front, batch, output_tokens))
                 for batch in batches
             ]
         finally:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_serve.cluster.expert_parallel import Dispatcher
-from moe_serve.cluster.placement import ExpertPlacement
+from moe_serve.cluster.placement import ExpertLayout, ExpertPlacement
 from moe_serve.cluster.shard import payload_row_bytes, unpack_rows
 from moe_serve.models.moe import LocalExperts
 from moe_serve.models.registry import load_model
@@ -22,8 +22,8 @@ class SimulatedShards:
     """Rank 0's side of the transport; each shard's side computed here with its own experts.
     Records every collective and the token rows each shard received."""
 
-    def __init__(self, shards: list[LocalExperts], config) -> None:
-        self.shards, self.config = shards, config
+    def __init__(self, shards: list[LocalExperts], config, layout: ExpertLayout) -> None:
+        self.shards, self.config, self.layout = shards, config, layout
         self.world_size, self.device = len(shards) + 1, torch.device("cpu")
         self.num_collectives, self.calls = 0, []
         self.received: list[torch.Tensor] = []  # per shard, the last layer's token states
@@ -33,7 +33,12 @@ class SimulatedShards:
         top_k, size = self.config.num_experts_per_tok, self.config.hidden_size
         unpacked = [unpack_rows(rows, size, top_k, torch.float32) for rows in shard_rows]
         self.received = [hidden for hidden, _, _ in unpacked]
-        self.results = [experts(*args) for experts, args in zip(self.shards, unpacked, strict=True)]
+        self.results = [  # NOTE: payloads carry slots (layer 0's); another shard's are -1 here
+            experts(hidden, torch.tensor(self.layout.slot_experts(0, shard))[slots], weights)
+            for shard, (experts, (hidden, slots, weights)) in enumerate(
+                zip(self.shards, unpacked, strict=True)
+            )
+        ]
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         self.num_collectives += 1
@@ -66,16 +71,16 @@ def layer(tiny_dirs):
     return model, model.moe_blocks()[0].experts
 
 
-def run(model, whole: LocalExperts, max_fixed_tokens: int):
-    placement = ExpertPlacement(8, 2, "contiguous")
+def run(model, whole: LocalExperts, max_fixed_tokens: int, layout: ExpertLayout | None = None):
+    layout = layout or ExpertPlacement(8, 2, "contiguous").layout(model.config.num_layers)
     shards = []
-    for expert_ids in placement.shard_expert_ids:
+    for expert_ids in layout.layers[0]:
         experts = LocalExperts(model.config, expert_ids)
         experts.gate_up_proj.data = whole.gate_up_proj.data[list(expert_ids)]
         experts.down_proj.data = whole.down_proj.data[list(expert_ids)]
         shards.append(experts)
-    transport = SimulatedShards(shards, model.config)
-    dispatcher = Dispatcher(placement, model, max_fixed_tokens)
+    transport = SimulatedShards(shards, model.config, layout)
+    dispatcher = Dispatcher(layout, model, max_fixed_tokens)
     dispatcher.attach(transport)
     hidden = torch.randn(
         len(ROUTING), model.config.hidden_size, generator=torch.Generator().manual_seed(0)
@@ -126,3 +131,37 @@ def test_a_step_above_the_fixed_capacity_is_exact(layer):
     model, whole = layer
     *_, transport, stats = run(model, whole, len(ROUTING) - 1)
     assert "counts" in transport.calls and stats.num_fixed_steps == 0
+
+
+# experts 0 and 7 have a copy on each shard: slots 0-4 are shard 0's (0, 1, 2, 3, 7), 5-9 shard
+# 1's (0, 4, 5, 6, 7). ROUTING's pairs of expert 0 (tokens 0, 1) and of 7 (tokens 2, 5) go to
+# their copies in turn: token 0 and 2 to shard 0, 1 and 5 to shard 1.
+REDUNDANT = ((0, 1, 2, 3, 7), (0, 4, 5, 6, 7))
+
+
+@pytest.mark.parametrize("mode", ["exact", "fixed"])
+def test_redundant_copies_split_an_experts_tokens_and_compute_each_pair_once(layer, mode):
+    model, whole = layer
+    layout = ExpertLayout(8, (REDUNDANT,) * model.config.num_layers)
+    hidden, ids, weights, out, transport, stats = run(
+        model, whole, 0 if mode == "exact" else 64, layout
+    )
+    torch.testing.assert_close(out, whole(hidden, ids, weights), rtol=1e-5, atol=1e-6)
+    # (token, k) pairs per shard, by hand: shard 0 computes t0: 0, 1; t2: 7; t3: 3; t4: 2, 3;
+    # t5: 1 (7 pairs); shard 1 t1: 0, 5; t2: 6; t3: 4; t5: 7 (5 pairs)
+    assert stats.shard_tokens[0] == (7, 5)
+    assert stats.expert_tokens[0] == (2, 2, 1, 2, 1, 1, 1, 2)  # logical: as without copies
+    if mode == "exact":
+        assert torch.equal(transport.received[0], hidden[[0, 2, 3, 4, 5]])
+        assert torch.equal(transport.received[1], hidden[[1, 2, 3, 5]])
+        assert stats.min_bytes == 2 * 9 * 64 * 4
+
+
+def test_a_layout_leaves_no_expert_out_and_repeats_none_within_a_shard():
+    assert ExpertLayout.decode(ExpertLayout(8, (REDUNDANT,)).encode(), 8, 1, 2).layers == (
+        REDUNDANT,
+    )
+    with pytest.raises(ValueError, match=r"experts \[7\] are on no shard"):
+        ExpertLayout(8, (((0, 1, 2, 3), (4, 5, 6)),))
+    with pytest.raises(ValueError, match="empty or repeats"):
+        ExpertLayout(8, (((0, 1, 2, 3, 3), (4, 5, 6, 7)),))

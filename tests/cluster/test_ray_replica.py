@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from moe_serve.cluster.async_engine import EngineStepError
 from moe_serve.cluster.engine_core import EngineConfig
+from moe_serve.cluster.eplb import EplbConfig
 from moe_serve.cluster.local_replica import create_local_replica
 from moe_serve.cluster.params import SamplingParams
 from moe_serve.cluster.ray_replica import create_ray_replica
@@ -49,6 +50,20 @@ async def generate_all(front, batch, max_tokens: int = 24):
     return await asyncio.gather(*(one(p) for p in batch), return_exceptions=True)
 
 
+async def generate_scored(front, batch, max_tokens: int = 24):
+    """Greedy tokens and the sampled tokens' logprobs of each prompt."""
+
+    async def one(prompt):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
+        tokens, logprobs = [], []
+        async for out in front.generate(prompt, params):
+            tokens.extend(out.deltas[0].token_ids)
+            logprobs.extend(lp.logprob for lp in out.deltas[0].logprobs)
+        return tokens, logprobs
+
+    return await asyncio.gather(*(one(p) for p in batch))
+
+
 def run_ray_replica(config: ReplicaConfig, scenario):
     """Start a Ray replica, run `scenario(front, actor)` in one event loop, shut down."""
 
@@ -69,7 +84,7 @@ def reference(request, tiny_dirs):
 
     async def main():
         try:
-            return await generate_all(front, prompts())
+            return await generate_scored(front, prompts())
         finally:
             await front.shutdown()
 
@@ -77,9 +92,16 @@ def reference(request, tiny_dirs):
 
 
 # NOTE: max_fixed_dispatch_tokens 0: every step in the exact mode (else the decode steps are
-# fixed-capacity ones, and prompts of the test's length too)
-@pytest.mark.parametrize(("ep", "max_fixed_dispatch_tokens"), [(2, 64), (3, 64), (3, 0)])
-def test_expert_parallel_greedy_equals_ep1(reference, ray_cluster, ep, max_fixed_dispatch_tokens):
+# fixed-capacity ones, and prompts of the test's length too). EPLB: "static" applies one new
+# layout after 4 steps, "periodic" one every 4 steps (min_gain -1: whatever it gains), each
+# with one redundant copy per shard, mid-run with requests in flight.
+@pytest.mark.parametrize(
+    ("ep", "max_fixed_dispatch_tokens", "eplb"),
+    [(2, 64, "off"), (3, 64, "off"), (3, 0, "off"), (2, 64, "periodic"), (3, 0, "static")],
+)
+def test_expert_parallel_greedy_equals_ep1(
+    reference, ray_cluster, ep, max_fixed_dispatch_tokens, eplb
+):
     path, expected = reference
     config = ReplicaConfig(
         path,
@@ -87,14 +109,19 @@ def test_expert_parallel_greedy_equals_ep1(reference, ray_cluster, ep, max_fixed
         engine=ENGINE,
         collective_timeout_s=20,
         max_fixed_dispatch_tokens=max_fixed_dispatch_tokens,
+        eplb=EplbConfig(eplb, window_steps=4, min_gain=-1.0),
     )
 
     async def scenario(front, actor):
-        return await generate_all(front, prompts()), await actor.stats.remote()
+        return await generate_scored(front, prompts()), await actor.stats.remote()
 
     outputs, stats = run_ray_replica(config, scenario)
-    assert outputs == expected
+    assert [tokens for tokens, _ in outputs] == [tokens for tokens, _ in expected]
+    for (_, logprobs), (_, expected_logprobs) in zip(outputs, expected, strict=True):
+        assert logprobs == pytest.approx(expected_logprobs, abs=1e-5)
     dispatch = stats.shards.dispatch
+    num_steps = stats.core.num_steps
+    assert dispatch.num_layouts == {"off": 0, "static": 1, "periodic": (num_steps - 1) // 4}[eplb]
     assert torch.tensor(dispatch.expert_tokens).sum() > 0
     assert dispatch.num_steps == stats.core.num_steps > 0  # one begin_step per forward pass
     assert (dispatch.num_fixed_steps > 0) == (max_fixed_dispatch_tokens > 0)

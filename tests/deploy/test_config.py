@@ -96,6 +96,7 @@ def test_replica_config_mapping():
                     "kv_cache_memory_gb": 0.5,
                     "placement": "round_robin",
                     "attention_backend": "sdpa",
+                    "eplb": {"mode": "periodic", "window_steps": 50},
                 }
             ]
         }
@@ -109,6 +110,12 @@ def test_replica_config_mapping():
     assert replica.placement == "round_robin" and replica.engine.max_model_len == 1024
     assert replica.engine.kv_cache_bytes == 1 << 29
     assert replica.engine.attention_backend == "sdpa"
+    assert (replica.eplb.mode, replica.eplb.window_steps) == ("periodic", 50)
+    assert replica.eplb.num_redundant_experts is None  # one copy per shard, by the default
+    with pytest.raises(ConfigFileError, match="eplb balances expert shards"):
+        parse_serve_config(
+            {"models": [{"name": "m", "source": "tiny:olmoe", "eplb": {"mode": "static"}}]}
+        )
 
 
 def test_the_application_never_carries_the_api_key(tiny_dirs, monkeypatch):

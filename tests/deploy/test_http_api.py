@@ -206,6 +206,8 @@ def test_health_and_metrics(server, client):
         "moe_serve_kv_cache_usage_ratio",
         "moe_serve_dispatch_bytes_total",
         "moe_serve_expert_tokens_total{",
+        "moe_serve_shard_tokens_total{",
+        "moe_serve_eplb_layouts_total{",
         "moe_serve_prefix_cache_queries_total{",
         "moe_serve_prefix_cache_hits_total{",
     ):

@@ -10,6 +10,7 @@ import yaml
 
 from moe_serve.deploy.config import (
     AutoscalingConfig,
+    EplbSettings,
     MetricsConfig,
     ResourcesConfig,
     ServedModelConfig,
@@ -112,6 +113,7 @@ def _constraints(prop: dict) -> list[dict]:
         (ServedModelConfig, "model", ()),
         (AutoscalingConfig, "model", ("autoscaling",)),
         (ResourcesConfig, "model", ("resources",)),
+        (EplbSettings, "model", ("eplb",)),
         (LimitsConfig, "limits", ()),
         (MetricsConfig, "metrics", ()),
     ],
