@@ -8,16 +8,29 @@ Shapes: T tokens, K top-k, H hidden, E experts, N shards, L MoE layers, S slots 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from moe_serve.cluster.overlap import OverlapConfig, OverlapPolicy
 from moe_serve.cluster.placement import ExpertLayout
 from moe_serve.cluster.runner import ModelRunner
-from moe_serve.cluster.shard import Command, pack_rows, payload_row_bytes
+from moe_serve.cluster.shard import MAX_MICRO_BATCHES, Command, pack_rows, payload_row_bytes
 from moe_serve.cluster.stats import DispatchStats
-from moe_serve.cluster.transport import CollectiveTransport, TransportError
+from moe_serve.cluster.transport import CollectiveTransport, TransportError, Work
 from moe_serve.models.base import MoeForCausalLM
 from moe_serve.models.moe import BaseExperts
+
+
+@dataclass(frozen=True)
+class PendingDispatch:
+    """One micro-batch's layer in flight: its collectives and where the results land."""
+
+    works: tuple[Work, ...]
+    results: torch.Tensor  # fixed: [N * T, H], shard after shard; exact: [sum n_s, H]
+    num_tokens: int
+    order: torch.Tensor | None  # exact: the token of each result row; fixed: None
 
 
 class ShardFailure(RuntimeError):
@@ -40,6 +53,7 @@ class DispatchCounters:
         self.expert_tokens = torch.zeros(num_layers, num_experts, dtype=torch.long)
         self.shard_tokens = torch.zeros(num_layers, num_shards, dtype=torch.long)  # (token, k)
         self.num_layouts = 0  # layouts applied after the first (EPLB)
+        self.num_overlapped_steps = 0  # steps run as two micro-batches
         self.min_bytes = torch.zeros((), dtype=torch.long)
         self.bytes_sent = self.bytes_received = self.num_steps = self.num_fixed_steps = 0
         self.num_collectives = 0  # of transports already replaced (see Dispatcher.attach)
@@ -63,6 +77,7 @@ class DispatchCounters:
                 self.num_collectives + num_collectives,
                 tuple(map(tuple, self.shard_tokens.tolist())),
                 self.num_layouts,
+                self.num_overlapped_steps,
             )
 
 
@@ -125,14 +140,15 @@ class Dispatcher:
     def snapshot(self) -> DispatchStats:
         return self.counters.snapshot(self.transport.num_collectives if self.transport else 0)
 
-    def _send_header(self, command: Command, num_tokens: int = 0) -> None:
+    def _send_header(self, command: Command, sizes: Sequence[int] = ()) -> None:
         if self.transport is None:
             raise ShardFailure(
                 "the expert shards of this replica are not connected (a rebuild is pending)"
             )
         # NOTE: a blocking host-to-device copy on CUDA, once per step, before its forward pass
         # (the stream is idle then: the last step's tokens were read back)
-        words = [int(command), num_tokens, int(self.is_fixed)]  # shard.HEADER_WORDS
+        padding = [0] * (MAX_MICRO_BATCHES - len(sizes))
+        words = [int(command), int(self.is_fixed), *sizes, *padding]  # shard.HEADER_WORDS
         device = self.transport.device
         self.transport.broadcast(torch.tensor(words, dtype=torch.long, device=device))
 
@@ -150,7 +166,7 @@ class Dispatcher:
         it. Returns once every shard has acknowledged (raises ShardFailure otherwise)."""
         words = layout.encode()
         try:
-            self._send_header(Command.PLACE, len(words))
+            self._send_header(Command.PLACE, [len(words)])
             self.transport.broadcast(torch.tensor(words, dtype=torch.long, device=self.device))
             # NOTE: the shards load their new experts before they answer: within the timeout
             self.transport.exchange_counts([0] * self.transport.world_size)
@@ -160,28 +176,53 @@ class Dispatcher:
         with self.counters.lock:
             self.counters.num_layouts += 1
 
-    def begin_step(self, num_tokens: int) -> None:
-        """Open a step of `num_tokens` tokens on the shards, before each forward pass: they
-        then take one round of collectives per MoE layer, in layer order."""
-        self.is_fixed = num_tokens <= self.max_fixed_tokens
+    def begin_step(self, micro_batch_tokens: Sequence[int]) -> None:
+        """Open a step on the shards before its forward pass, with the token count of each of
+        its micro-batches (one, or two overlapped): they then take one round of collectives
+        per MoE layer and micro-batch, in layer order, micro-batches in turn."""
+        self.is_fixed = max(micro_batch_tokens) <= self.max_fixed_tokens
         try:
-            self._send_header(Command.STEP, num_tokens)
+            self._send_header(Command.STEP, micro_batch_tokens)
         except TransportError as exc:
             raise _step_failure(exc) from exc
         with self.counters.lock:
             self.counters.num_steps += 1
             self.counters.num_fixed_steps += self.is_fixed
+            self.counters.num_overlapped_steps += len(micro_batch_tokens) > 1
+
+    def start(
+        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> PendingDispatch:
+        """Send hidden [T, H] with its routing topk_ids/weights [T, K] to the shards without
+        waiting; `finish` returns the experts' weighted sum [T, H]."""
+        try:
+            if self.is_fixed:
+                return self._start_fixed(layer, hidden, topk_ids, topk_weights)
+            return self._start_exact(layer, hidden, topk_ids, topk_weights)
+        except TransportError as exc:
+            raise _step_failure(exc) from exc
+
+    def finish(self, pending: PendingDispatch) -> torch.Tensor:
+        try:
+            for work in pending.works:
+                self.transport.wait(work)
+        except TransportError as exc:
+            raise _step_failure(exc) from exc
+        results, num_tokens = pending.results, pending.num_tokens
+        if pending.order is not None:  # exact: the shards' rows, in the order sent
+            return results.new_zeros(num_tokens, self.hidden_size).index_add_(
+                0, pending.order, results
+            )
+        out = results[:num_tokens]
+        for shard in range(1, self.layout.num_shards):  # NOTE: in shard order, as exact adds
+            out = out + results[shard * num_tokens : (shard + 1) * num_tokens]
+        return out
 
     def dispatch(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
-        """hidden [T, H], topk_ids/weights [T, K] -> the experts' weighted sum [T, H]."""
-        try:
-            if self.is_fixed:
-                return self._fixed(layer, hidden, topk_ids, topk_weights)
-            return self._exact(layer, hidden, topk_ids, topk_weights)
-        except TransportError as exc:
-            raise _step_failure(exc) from exc
+        """`start` and `finish` at once: [T, H] -> the experts' weighted sum [T, H]."""
+        return self.finish(self.start(layer, hidden, topk_ids, topk_weights))
 
     def _slots(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """[T, K] expert ids -> the slot computing each: with copies, an expert's (token, k)
@@ -194,25 +235,24 @@ class Dispatcher:
         pick = rank % self.num_copies[layer, flat]
         return self.copies[layer, flat, pick].view_as(topk_ids)
 
-    def _fixed(self, layer, hidden, topk_ids, topk_weights):
+    def _start_fixed(self, layer, hidden, topk_ids, topk_weights):
         # NOTE: for a given T, static shapes and no host sync: what a CUDA graph of a decode
         # step needs (the step's header is broadcast before the forward pass, outside it)
         transport, num_shards, num_tokens = self.transport, self.layout.num_shards, len(hidden)
         slots = self._slots(layer, topk_ids)
-        transport.broadcast(pack_rows(hidden, slots, topk_weights))
+        rows = pack_rows(hidden, slots, topk_weights)
+        sent = transport.start_broadcast(rows)
+        sent.keep = rows
         receive = [0] + [num_tokens] * num_shards
-        results = transport.all_to_all(hidden[:0], [0] * transport.world_size, receive)
+        results, back = transport.start_all_to_all(hidden[:0], [0] * transport.world_size, receive)
         owner = self.slot_shard[layer, slots]  # [T, K]
         hits = (owner.unsqueeze(-1) == self.shards).any(dim=1)  # [T, N]
         self._count(layer, topk_ids, owner, hidden, num_shards * num_tokens, hits.sum())
-        out = results[:num_tokens]
-        for shard in range(1, num_shards):  # NOTE: in shard order, as the exact mode adds them
-            out = out + results[shard * num_tokens : (shard + 1) * num_tokens]
-        return out
+        return PendingDispatch((sent, back), results, num_tokens, None)
 
-    def _exact(self, layer, hidden, topk_ids, topk_weights):
-        # NOTE: host syncs, by design of this mode: nonzero() per shard, and the count exchange
-        # read back (.tolist()): a variable-size all-to-all needs its sizes on the host
+    def _start_exact(self, layer, hidden, topk_ids, topk_weights):
+        # NOTE: host syncs, by design of this mode: nonzero() per shard to size a variable
+        # all-to-all (rank 0 sends the counts; it never waits to read any back)
         transport = self.transport
         slots = self._slots(layer, topk_ids)
         owner = self.slot_shard[layer, slots]  # [T, K]
@@ -220,13 +260,13 @@ class Dispatcher:
             (owner == s).any(dim=1).nonzero().squeeze(1) for s in range(self.layout.num_shards)
         ]  # tokens per shard, once each
         counts = [0] + [int(t.numel()) for t in token_ids]  # NOTE: rank 0 keeps none
-        transport.exchange_counts(counts)
+        _, told = transport.start_exchange_counts(counts)
         order = torch.cat(token_ids)  # [sum n_s]
         rows = pack_rows(hidden[order], slots[order], topk_weights[order])
-        transport.all_to_all(rows, counts, [0] * transport.world_size)
-        results = transport.all_to_all(hidden[:0], [0] * transport.world_size, counts)
+        _, sent = transport.start_all_to_all(rows, counts, [0] * transport.world_size)
+        results, back = transport.start_all_to_all(hidden[:0], [0] * transport.world_size, counts)
         self._count(layer, topk_ids, owner, hidden, order.numel(), order.numel())
-        return torch.zeros_like(hidden).index_add_(0, order, results)
+        return PendingDispatch((told, sent, back), results, len(hidden), order)
 
     def _count(self, layer, topk_ids, owner, hidden, num_rows: int, min_rows) -> None:
         """`num_rows` token rows went out (and as many came back); `min_rows` (an int or a
@@ -247,7 +287,8 @@ class Dispatcher:
 
 
 class ExpertParallelExecutor(BaseExperts):
-    """The experts of one MoE layer, living on the shards."""
+    """The experts of one MoE layer, living on the shards: `start` sends, `finish` waits (the
+    model computes another micro-batch in between)."""
 
     def __init__(self, dispatcher: Dispatcher, layer: int) -> None:
         super().__init__()
@@ -256,10 +297,20 @@ class ExpertParallelExecutor(BaseExperts):
     def forward(self, hidden, topk_ids, topk_weights):
         return self.dispatcher.dispatch(self.layer, hidden, topk_ids, topk_weights)
 
+    def start(self, hidden, topk_ids, topk_weights):
+        return self.dispatcher.start(self.layer, hidden, topk_ids, topk_weights)
 
-def install_expert_parallel(runner: ModelRunner, dispatcher: Dispatcher) -> None:
+    def finish(self, pending):
+        return self.dispatcher.finish(pending)
+
+
+def install_expert_parallel(
+    runner: ModelRunner, dispatcher: Dispatcher, overlap: OverlapConfig | None = None
+) -> None:
     """Replace every MoE layer's experts with the expert-parallel executor, and open a step on
-    the shards before each of the runner's forward passes (with its token count)."""
+    the shards before each of the runner's forward passes (with its micro-batches' sizes);
+    `overlap` decides which steps run as two overlapped micro-batches (default: none)."""
     for layer, block in enumerate(runner.model.moe_blocks()):
         block.experts = ExpertParallelExecutor(dispatcher, layer)
     runner.step_hook = dispatcher.begin_step
+    runner.overlap = OverlapPolicy(overlap or OverlapConfig("off"))

@@ -18,6 +18,7 @@ from moe_serve.cluster.engine_core import EngineConfig, EngineCore
 from moe_serve.cluster.eplb import Balancer, EplbConfig
 from moe_serve.cluster.expert_parallel import Dispatcher, ShardFailure, install_expert_parallel
 from moe_serve.cluster.outputs import RequestOutput
+from moe_serve.cluster.overlap import OverlapConfig
 from moe_serve.cluster.params import RequestError, SamplingParams
 from moe_serve.cluster.placement import ExpertPlacement, Strategy
 from moe_serve.cluster.shard import is_mlp_expert
@@ -45,6 +46,8 @@ class ReplicaConfig:
     # host sync per layer; see `Dispatcher`); 0: every step exact
     max_fixed_dispatch_tokens: int = 64
     eplb: EplbConfig = field(default_factory=EplbConfig)  # balancing the shards' load
+    # steps run as two micro-batches, one's attention overlapping the other's experts
+    overlap: OverlapConfig = field(default_factory=OverlapConfig)
     idle_ping_s: float = 1.0  # keepalive to idle shards (detects a dead shard while idle)
     max_rebuild_failures: int = RebuildPolicy.max_failures  # in a row; then unhealthy
     rebuild_backoff_s: float = RebuildPolicy.backoff_s  # after a failed rebuild; then doubles
@@ -113,7 +116,7 @@ class ReplicaEngine:
             self.dispatcher = Dispatcher(
                 placement.layout(model.config.num_layers), model, config.max_fixed_dispatch_tokens
             )
-            install_expert_parallel(self.core.runner, self.dispatcher)
+            install_expert_parallel(self.core.runner, self.dispatcher, config.overlap)
             spec = ShardSpec(
                 config.checkpoint, config.dtype, self.device.type, config.collective_timeout_s
             )

@@ -3,11 +3,13 @@ logits the sampler needs. Shapes: T tokens this step, S sampling sequences, V vo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from moe_serve.cluster.overlap import OverlapPolicy
 from moe_serve.cluster.scheduler import ScheduledSeq
 from moe_serve.models.attention import (
     AttentionBackend,
@@ -33,10 +35,24 @@ def kv_cache_bytes_per_block(model: MoeForCausalLM, block_size: int) -> int:
     return per_token * block_size * model.materialised.dtype.itemsize
 
 
+def split_batch(batch: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
+    """Two micro-batches of whole sequences (two at least), as close to half the tokens each
+    as a cut of the batch allows."""
+    num_tokens = sum(item.num_tokens for item in batch)
+    prefix, best_cut, best_gap = 0, 1, num_tokens
+    for cut in range(1, len(batch)):
+        prefix += batch[cut - 1].num_tokens
+        if abs(2 * prefix - num_tokens) < best_gap:
+            best_cut, best_gap = cut, abs(2 * prefix - num_tokens)
+    return [batch[:best_cut], batch[best_cut:]]
+
+
 class ModelRunner:
     """Runs the model over the paged cache, one scheduled batch per step. `step_hook`, when
-    set, is called with the step's token count before each forward pass (expert parallelism
-    opens the shards' step)."""
+    set, is called with the step's micro-batch token counts before each forward pass (expert
+    parallelism opens the shards' step). With an `overlap` policy, steps it chooses run as two
+    micro-batches in ping-pong (`MoeForCausalLM.forward_micro_batches`): worth it only where
+    experts run elsewhere, so expert parallelism sets one."""
 
     def __init__(
         self,
@@ -58,7 +74,8 @@ class ModelRunner:
             param.dtype,
             param.device,
         )
-        self.step_hook: Callable[[int], None] | None = None
+        self.step_hook: Callable[[list[int]], None] | None = None
+        self.overlap: OverlapPolicy | None = None
         if attention_backend == "flex":
             warm_up(self.kv_caches[0].key, cfg.num_heads, block_size)
 
@@ -81,16 +98,31 @@ class ModelRunner:
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         return as_long(input_ids), as_long(positions), meta
 
+    def _forward(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, int]:
+        """The final hidden states [T, H] and the number of micro-batches they took."""
+        num_tokens, policy = sum(item.num_tokens for item in batch), self.overlap
+        is_split = policy is not None and len(batch) >= 2 and policy.choose(num_tokens)
+        inputs = [self._flatten(part) for part in (split_batch(batch) if is_split else [batch])]
+        if self.step_hook is not None:
+            self.step_hook([len(input_ids) for input_ids, _, _ in inputs])
+        if not is_split:
+            return self.model(*inputs[0], self.kv_caches), 1
+        # NOTE: the micro-batches are a cut of the batch: their rows concatenate in order
+        return torch.cat(self.model.forward_micro_batches(inputs, self.kv_caches)), 2
+
     @torch.inference_mode()
     def execute(
         self, batch: list[ScheduledSeq], prompt_logprob_ids: set[int] = frozenset()
     ) -> StepLogits:
         """Run one step. Rows for prompt logprobs are computed for sequences in
         `prompt_logprob_ids` while their chunk lies in the prompt."""
-        input_ids, positions, meta = self._flatten(batch)
-        if self.step_hook is not None:
-            self.step_hook(len(input_ids))
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [T, H]
+        started = time.perf_counter()
+        hidden, num_parts = self._forward(batch)  # [T, H]
+        num_tokens, policy = len(hidden), self.overlap
+        if policy is not None and policy.is_probing(num_tokens):
+            if self.device.type == "cuda":  # NOTE: a host sync, on probed steps only
+                torch.cuda.synchronize(self.device)
+            policy.record(num_tokens, num_parts == 2, time.perf_counter() - started)
         ends, offset = [], 0
         prompt: dict[int, torch.Tensor] = {}
         for item in batch:

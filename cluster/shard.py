@@ -1,11 +1,14 @@
 """An expert shard: a slice of every MoE layer's experts, driven by collectives.
 
 Per-step protocol (rank 0 is the attention actor):
-  header   broadcast [command, T, is_fixed]: STEP (of T tokens), PING (keepalive), STOP,
-           PLACE (a new layout of T words follows: EPLB, between steps)
+  header   broadcast [command, is_fixed, T_0, T_1]: STEP (micro-batches of T_0 and T_1
+           tokens; T_1 = 0: one), PING (keepalive), STOP, PLACE (a new layout of T_0 words
+           follows: EPLB, between steps)
   PLACE:   layout   broadcast: `ExpertLayout.encode()`; every shard loads its new experts
            ack      count exchange (all zeros) once loaded: the next step may start
-  STEP, for each MoE layer in order, in the mode the header names (see `Dispatcher`):
+  STEP, for each MoE layer in order, for each micro-batch in turn (the attention rank computes
+  one micro-batch's attention while the shards compute the other's experts), in the mode the
+  header names (see `Dispatcher`):
     fixed capacity (decode-sized steps):
       payload  broadcast: all T rows (the row format below) to every shard
       results  all-to-all back: [T, H] from each shard (zeros where none of its experts serve)
@@ -55,7 +58,9 @@ def unpack_rows(rows: torch.Tensor, hidden_size: int, top_k: int, dtype: torch.d
     return hidden, routing[:, :top_k].long(), routing[:, top_k:].to(dtype)
 
 
-HEADER_WORDS = 3  # command, the step's token count, fixed-capacity mode (1) or exact (0)
+MAX_MICRO_BATCHES = 2
+# command, fixed-capacity mode (1) or exact (0), then each micro-batch's token count
+HEADER_WORDS = 2 + MAX_MICRO_BATCHES
 
 
 class Command(enum.IntEnum):
@@ -116,16 +121,18 @@ class ExpertShard:
         header = torch.zeros(HEADER_WORDS, dtype=torch.long, device=self.device)
         while True:
             # NOTE: one host sync per step, here on the shard: its loop branches on the header
-            command, num_tokens, is_fixed = transport.broadcast(header).tolist()
+            command, is_fixed, *sizes = transport.broadcast(header).tolist()
             if command == Command.STOP:
                 return self.num_steps
             if command == Command.STEP:
                 layer = self._fixed_layer if is_fixed else self._exact_layer
+                sizes = [size for size in sizes if size]
                 for index, experts in enumerate(self.experts):
-                    layer(transport, index, experts, num_tokens)
+                    for num_tokens in sizes:
+                        layer(transport, index, experts, num_tokens)
                 self.num_steps += 1
             elif command == Command.PLACE:
-                self._place(transport, num_tokens)
+                self._place(transport, sizes[0])
 
     def _place(self, transport: CollectiveTransport, num_words: int) -> None:
         words = torch.zeros(num_words, dtype=torch.long, device=self.device)

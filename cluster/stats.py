@@ -35,6 +35,7 @@ class DispatchStats:
     num_collectives: int  # on the attention rank: step headers, pings and every layer's ones
     shard_tokens: tuple[tuple[int, ...], ...] = ()  # [layer][shard]: (token, expert) pairs
     num_layouts: int = 0  # new expert layouts applied on the live replica (EPLB)
+    num_overlapped_steps: int = 0  # steps run as two micro-batches in ping-pong
 
 
 @dataclass(frozen=True)

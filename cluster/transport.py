@@ -26,14 +26,17 @@ import torch.distributed as dist
 # - TORCH_NCCL_BLOCKING_WAIT=1: no watchdog (nor heartbeat monitor) thread is created; `wait()`
 #   polls the collective on the calling thread and, on an NCCL error or once the timeout
 #   passes, aborts the communicator (ncclCommAbort) and raises DistBackendError (a
-#   RuntimeError) right there. Every collective here is waited on at once anyway.
+#   RuntimeError) right there. A collective is waited on when its result is needed: at once,
+#   or, with micro-batch overlap, after the other micro-batch's attention has been enqueued
+#   on the compute stream: the host then blocks in `wait()` while the GPU computes that.
 # - TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (CleanUpOnly) and TORCH_NCCL_DUMP_ON_TIMEOUT=0: should a
 #   torch version start the watchdog regardless, it only aborts communicators, and no dump
 #   path ends in an abort of the process.
 # Read when a ProcessGroupNCCL is constructed; set in this process (an actor of its own) right
 # before, overriding the environment. Not set: `Options.config.blocking = 0` (non-blocking
 # communicators; torch itself stopped choosing them after NCCL hangs, pytorch#153960) and
-# `is_high_priority_stream` (nothing overlaps the collectives here). Known gap: a peer that dies
+# `is_high_priority_stream` (the overlapped attention and the collectives are independent
+# streams of work; neither waits for the other's priority). Known gap: a peer that dies
 # while the communicator is being created (the first collective after a (re)build) can leave
 # ncclCommInitRank waiting, which blocking-mode NCCL does not time out.
 NCCL_ERROR_HANDLING = {
@@ -113,6 +116,13 @@ def local_ip() -> str:
         return "127.0.0.1"
 
 
+class Work:
+    """A started collective (`CollectiveTransport.start_*`); `CollectiveTransport.wait` it."""
+
+    def __init__(self, work: dist.Work, what: str) -> None:
+        self.work, self.what, self.keep = work, what, ()
+
+
 def formed_key(rank: int) -> str:
     return f"formed/{rank}"
 
@@ -161,41 +171,67 @@ class CollectiveTransport:
         )
         return cls(store, rank, world_size, device, timeout_s, local_host)
 
-    def _wait(self, work, what: str) -> None:
+    def wait(self, work: Work) -> None:
+        """Wait for a started collective (raises TransportError if it failed or timed out)."""
+        try:
+            work.work.wait(self.timeout)
+        except RuntimeError as exc:
+            raise TransportError(f"{work.what} failed on rank {self.rank}: {exc}") from exc
+
+    def _start(self, start, what: str) -> Work:
         self.num_collectives += 1
         try:
-            work.wait(self.timeout)
-        except RuntimeError as exc:
+            return Work(start(), what)
+        except RuntimeError as exc:  # NOTE: a group already broken can refuse at once
             raise TransportError(f"{what} failed on rank {self.rank}: {exc}") from exc
 
-    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Rank 0's `tensor` to everyone (in place)."""
+    def start_broadcast(self, tensor: torch.Tensor) -> Work:
+        """Rank 0's `tensor` to everyone (in place), once `wait`ed for."""
         options = dist.BroadcastOptions()
         options.rootRank = 0
-        self._wait(self.group.broadcast([tensor], options), "header broadcast")
+        return self._start(lambda: self.group.broadcast([tensor], options), "broadcast")
+
+    def start_all_to_all(
+        self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]
+    ) -> tuple[torch.Tensor, Work]:
+        """Rows of `send` [sum(send_counts), ...] in rank order go to each rank; the rows
+        received [sum(recv_counts), ...] in rank order, filled once `wait`ed for."""
+        recv = send.new_empty((sum(recv_counts), *send.shape[1:]))
+        send = send.contiguous()
+        work = self._start(
+            lambda: self.group.alltoall_base(
+                recv, send, recv_counts, send_counts, dist.AllToAllOptions()
+            ),
+            "all-to-all",
+        )
+        work.keep = (send, recv)  # NOTE: the buffers must outlive the collective
+        return recv, work
+
+    def start_exchange_counts(self, counts: list[int]) -> tuple[torch.Tensor, Work]:
+        """Send counts[r] to rank r; what each rank sent here, once `wait`ed for."""
+        send = torch.tensor(counts, dtype=torch.long, device=self.device)
+        recv = torch.empty_like(send)
+        work = self._start(
+            lambda: self.group.alltoall_base(recv, send, [], [], dist.AllToAllOptions()),
+            "count exchange",
+        )
+        work.keep = (send, recv)
+        return recv, work
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.wait(self.start_broadcast(tensor))
         return tensor
 
     def all_to_all(
         self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]
     ) -> torch.Tensor:
-        """Rows of `send` [sum(send_counts), ...] in rank order go to each rank; returns the
-        rows received [sum(recv_counts), ...] in rank order."""
-        recv = send.new_empty((sum(recv_counts), *send.shape[1:]))
-        self._wait(
-            self.group.alltoall_base(
-                recv, send.contiguous(), recv_counts, send_counts, dist.AllToAllOptions()
-            ),
-            "all-to-all",
-        )
+        recv, work = self.start_all_to_all(send, send_counts, recv_counts)
+        self.wait(work)
         return recv
 
     def exchange_counts(self, counts: list[int]) -> list[int]:
-        """Send counts[r] to rank r; returns what each rank sent here."""
-        send = torch.tensor(counts, dtype=torch.long, device=self.device)
-        recv = torch.empty_like(send)
-        self._wait(
-            self.group.alltoall_base(recv, send, [], [], dist.AllToAllOptions()), "count exchange"
-        )
+        recv, work = self.start_exchange_counts(counts)
+        self.wait(work)
         return recv.tolist()
 
     def close(self) -> None:

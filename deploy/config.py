@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from moe_serve.cluster.engine_core import EngineConfig
 from moe_serve.cluster.eplb import EplbConfig
+from moe_serve.cluster.overlap import OverlapConfig
 from moe_serve.cluster.replica_engine import ReplicaConfig
 from moe_serve.deploy.limits import LimitsConfig
 
@@ -101,6 +102,19 @@ class EplbSettings(Strict):
         return EplbConfig(**self.model_dump())
 
 
+class OverlapSettings(Strict):
+    """Two micro-batches per step in ping-pong, one's attention overlapping the other's experts
+    on the shards (cluster/overlap.py): auto (where measured faster), on, off."""
+
+    mode: Literal["auto", "on", "off"] = OverlapConfig.mode
+    min_tokens: int = Field(OverlapConfig.min_tokens, ge=1)  # smaller steps never split
+    probe_steps: int = Field(OverlapConfig.probe_steps, ge=1)
+    reprobe_steps: int = Field(OverlapConfig.reprobe_steps, ge=1)
+
+    def config(self) -> OverlapConfig:
+        return OverlapConfig(**self.model_dump())
+
+
 class ServedModelConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
     source: str = Field(min_length=1)  # a local checkpoint directory or a hub id
@@ -125,6 +139,7 @@ class ServedModelConfig(Strict):
     max_rebuild_failures: int = Field(ReplicaConfig.max_rebuild_failures, ge=1)  # in a row
     rebuild_backoff_s: float = Field(ReplicaConfig.rebuild_backoff_s, gt=0)  # then doubles
     eplb: EplbSettings = EplbSettings()
+    overlap: OverlapSettings = OverlapSettings()
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
@@ -175,6 +190,7 @@ class ServedModelConfig(Strict):
             max_rebuild_failures=self.max_rebuild_failures,
             rebuild_backoff_s=self.rebuild_backoff_s,
             eplb=self.eplb.config(),
+            overlap=self.overlap.config(),
         )
 
 

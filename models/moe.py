@@ -50,6 +50,15 @@ class BaseExperts(nn.Module, ABC):
     ) -> torch.Tensor:
         """hidden [T, H], topk_ids [T, K] (expert ids; -1 = none), topk_weights [T, K] -> [T, H]."""
 
+    def start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        """`forward` in two halves, so that the caller can compute something else while the
+        experts run elsewhere (expert parallelism): start, then `finish` what it returned.
+        Here, in process, start computes and finish hands the result back."""
+        return self(hidden, topk_ids, topk_weights)
+
+    def finish(self, pending) -> torch.Tensor:
+        return pending
+
 
 def group_by_expert(expert_ids: torch.Tensor, num_experts: int):
     """Flat expert ids [N] -> (order [N'] sorting valid entries by expert, counts per expert [E]).
@@ -139,6 +148,13 @@ class MoeBlock(nn.Module):
         self.bias = nn.Parameter(torch.empty(config.hidden_size)) if config.is_moe_bias else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.start(hidden))
+
+    def start(self, hidden: torch.Tensor):
+        """Route and start the experts (`BaseExperts.start`); `finish` returns [T, H]."""
         topk_ids, topk_weights = self.gate(hidden)
-        out = self.experts(hidden, topk_ids, topk_weights)
+        return self.experts.start(hidden, topk_ids, topk_weights)
+
+    def finish(self, pending) -> torch.Tensor:
+        out = self.experts.finish(pending)
         return out + self.bias if self.bias is not None else out

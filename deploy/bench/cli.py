@@ -125,6 +125,12 @@ def _add_others(kinds) -> None:
         default=None,
         help="steps up to this many tokens dispatch in fixed-capacity mode (0: all exact)",
     )
+    step.add_argument(
+        "--overlap",
+        choices=("auto", "on", "off"),
+        default=None,
+        help="two micro-batches in ping-pong: measured per step size (auto), always, never",
+    )
     step.add_argument("--out", type=Path, help="write the JSON rows here")
     step.set_defaults(func=_run_step)
     eplb = kinds.add_parser("eplb", help="skewed routing: shard balance and step, EPLB off/on")
@@ -242,8 +248,9 @@ def _run_step(args: argparse.Namespace) -> int:
 
     batches = [int(b) for b in args.batch.split(",")]
     fixed = {}
-    if args.max_fixed_dispatch_tokens is not None:
-        fixed["max_fixed_dispatch_tokens"] = args.max_fixed_dispatch_tokens
+    for name in ("max_fixed_dispatch_tokens", "overlap"):
+        if getattr(args, name) is not None:
+            fixed[name] = getattr(args, name)
     print(
         f"{'ep':>3} {'batch':>6} {'ms/step':>9} {'bytes/step':>12} {'min bytes':>12} "
         f"{'collectives':>11} {'fixed':>6}",

@@ -11,10 +11,13 @@ import ray
 
 from moe_serve.cluster.async_engine import AsyncEngine
 from moe_serve.cluster.engine_core import EngineConfig
+from moe_serve.cluster.overlap import OverlapConfig
 from moe_serve.cluster.params import SamplingParams
 from moe_serve.cluster.ray_replica import create_ray_replica
 from moe_serve.cluster.replica_engine import ReplicaConfig
 from moe_serve.cluster.stats import ReplicaStats
+
+WARM_UP_TOKENS = 16
 
 
 async def decode_window(front: AsyncEngine, batch: int, output_tokens: int):
@@ -64,6 +67,7 @@ def measure(
     dtype: str | None,
     num_cpus_per_shard: float,
     max_fixed_dispatch_tokens: int = ReplicaConfig.max_fixed_dispatch_tokens,
+    overlap: str = "auto",
 ) -> list[dict]:
     """Rows of {ep, batch, ms_per_step, bytes_per_step, min_bytes_per_step,
     collectives_per_step, fixed_capacity_steps (the share of steps)}."""
@@ -76,15 +80,19 @@ def measure(
         expert_parallel_size=ep,
         engine=engine,
         max_fixed_dispatch_tokens=max_fixed_dispatch_tokens,
+        overlap=OverlapConfig(overlap),
     )
 
     async def run() -> list[dict]:
         front, _ = create_ray_replica(config, {"num_cpus": 1}, {"num_cpus": num_cpus_per_shard})
         try:
-            return [
-                _row(ep, batch, *await decode_window(front, batch, output_tokens))
-                for batch in batches
-            ]
+            rows = []
+            for batch in batches:
+                # NOTE: a warm-up at the same batch first: overlap "auto" times its first
+                # steps of each size both ways (steady state is what is measured here)
+                await decode_window(front, batch, WARM_UP_TOKENS)
+                rows.append(_row(ep, batch, *await decode_window(front, batch, output_tokens)))
+            return rows
         finally:
             await front.shutdown()
 

@@ -60,6 +60,19 @@ class SimulatedShards:
             return send.new_empty(0, *send.shape[1:])
         return torch.cat(self.results)
 
+    # NOTE: started collectives run here at once (the order is what the shards see)
+    def start_broadcast(self, tensor):
+        return self.broadcast(tensor)
+
+    def start_all_to_all(self, send, send_counts, recv_counts):
+        return self.all_to_all(send, send_counts, recv_counts), None
+
+    def start_exchange_counts(self, counts):
+        return self.exchange_counts(counts), None
+
+    def wait(self, work) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -87,7 +100,7 @@ def run(model, whole: LocalExperts, max_fixed_tokens: int, layout: ExpertLayout 
     )
     ids = torch.tensor(ROUTING)
     weights = torch.tensor([[0.75, 0.25]] * len(ROUTING))
-    dispatcher.begin_step(len(ROUTING))
+    dispatcher.begin_step([len(ROUTING)])
     out = dispatcher.dispatch(0, hidden, ids, weights)
     return hidden, ids, weights, out, transport, dispatcher.snapshot()
 

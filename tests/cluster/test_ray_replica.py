@@ -22,6 +22,7 @@ from moe_serve.cluster.async_engine import EngineStepError
 from moe_serve.cluster.engine_core import EngineConfig
 from moe_serve.cluster.eplb import EplbConfig
 from moe_serve.cluster.local_replica import create_local_replica
+from moe_serve.cluster.overlap import OverlapConfig
 from moe_serve.cluster.params import SamplingParams
 from moe_serve.cluster.ray_replica import create_ray_replica
 from moe_serve.cluster.replica_engine import ReplicaConfig
@@ -94,13 +95,22 @@ def reference(request, tiny_dirs):
 # NOTE: max_fixed_dispatch_tokens 0: every step in the exact mode (else the decode steps are
 # fixed-capacity ones, and prompts of the test's length too). EPLB: "static" applies one new
 # layout after 4 steps, "periodic" one every 4 steps (min_gain -1: whatever it gains), each
-# with one redundant copy per shard, mid-run with requests in flight.
+# with one redundant copy per shard, mid-run with requests in flight. Overlap "on": every step
+# of two sequences or more runs as two micro-batches in ping-pong.
 @pytest.mark.parametrize(
-    ("ep", "max_fixed_dispatch_tokens", "eplb"),
-    [(2, 64, "off"), (3, 64, "off"), (3, 0, "off"), (2, 64, "periodic"), (3, 0, "static")],
+    ("ep", "max_fixed_dispatch_tokens", "eplb", "overlap"),
+    [
+        (2, 64, "off", "off"),
+        (3, 0, "off", "off"),
+        (2, 64, "periodic", "off"),
+        (3, 0, "static", "off"),
+        (2, 64, "off", "on"),
+        (3, 0, "off", "on"),
+        (3, 64, "periodic", "on"),
+    ],
 )
 def test_expert_parallel_greedy_equals_ep1(
-    reference, ray_cluster, ep, max_fixed_dispatch_tokens, eplb
+    reference, ray_cluster, ep, max_fixed_dispatch_tokens, eplb, overlap
 ):
     path, expected = reference
     config = ReplicaConfig(
@@ -110,6 +120,7 @@ def test_expert_parallel_greedy_equals_ep1(
         collective_timeout_s=20,
         max_fixed_dispatch_tokens=max_fixed_dispatch_tokens,
         eplb=EplbConfig(eplb, window_steps=4, min_gain=-1.0),
+        overlap=OverlapConfig(overlap, min_tokens=1),
     )
 
     async def scenario(front, actor):
@@ -122,6 +133,8 @@ def test_expert_parallel_greedy_equals_ep1(
     dispatch = stats.shards.dispatch
     num_steps = stats.core.num_steps
     assert dispatch.num_layouts == {"off": 0, "static": 1, "periodic": (num_steps - 1) // 4}[eplb]
+    # nearly every step has two sequences or more (the 8 requests arrive at once)
+    assert (dispatch.num_overlapped_steps >= num_steps // 2) == (overlap == "on")
     assert torch.tensor(dispatch.expert_tokens).sum() > 0
     assert dispatch.num_steps == stats.core.num_steps > 0  # one begin_step per forward pass
     assert (dispatch.num_fixed_steps > 0) == (max_fixed_dispatch_tokens > 0)

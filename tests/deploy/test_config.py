@@ -97,6 +97,7 @@ def test_replica_config_mapping():
                     "placement": "round_robin",
                     "attention_backend": "sdpa",
                     "eplb": {"mode": "periodic", "window_steps": 50},
+                    "overlap": {"mode": "on", "min_tokens": 32},
                 }
             ]
         }
@@ -112,6 +113,7 @@ def test_replica_config_mapping():
     assert replica.engine.attention_backend == "sdpa"
     assert (replica.eplb.mode, replica.eplb.window_steps) == ("periodic", 50)
     assert replica.eplb.num_redundant_experts is None  # one copy per shard, by the default
+    assert (replica.overlap.mode, replica.overlap.min_tokens) == ("on", 32)
     with pytest.raises(ConfigFileError, match="eplb balances expert shards"):
         parse_serve_config(
             {"models": [{"name": "m", "source": "tiny:olmoe", "eplb": {"mode": "static"}}]}

@@ -12,6 +12,7 @@ from moe_serve.deploy.config import (
     AutoscalingConfig,
     EplbSettings,
     MetricsConfig,
+    OverlapSettings,
     ResourcesConfig,
     ServedModelConfig,
 )
@@ -114,6 +115,7 @@ def _constraints(prop: dict) -> list[dict]:
         (AutoscalingConfig, "model", ("autoscaling",)),
         (ResourcesConfig, "model", ("resources",)),
         (EplbSettings, "model", ("eplb",)),
+        (OverlapSettings, "model", ("overlap",)),
         (LimitsConfig, "limits", ()),
         (MetricsConfig, "metrics", ()),
     ],
