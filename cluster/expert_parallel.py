@@ -7,12 +7,12 @@ Shapes: T tokens, K top-k, H hidden, E experts, N shards, L MoE layers, S slots 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from moe_serve.cluster.dispatch_counters import DispatchCounters
 from moe_serve.cluster.overlap import OverlapConfig, OverlapPolicy
 from moe_serve.cluster.placement import ExpertLayout
 from moe_serve.cluster.runner import ModelRunner
@@ -44,48 +44,14 @@ def _step_failure(exc: TransportError) -> ShardFailure:
     )
 
 
-class DispatchCounters:
-    """Per-layer, per-expert routed token counts and bytes moved (read from any thread). The
-    per-layer counts live on the dispatch device and are only added to there: counting costs
-    the hot loop no host sync; a snapshot pays one."""
-
-    def __init__(self, num_layers: int, num_experts: int, num_shards: int) -> None:
-        self.expert_tokens = torch.zeros(num_layers, num_experts, dtype=torch.long)
-        self.shard_tokens = torch.zeros(num_layers, num_shards, dtype=torch.long)  # (token, k)
-        self.num_layouts = 0  # layouts applied after the first (EPLB)
-        self.num_overlapped_steps = 0  # steps run as two micro-batches
-        self.min_bytes = torch.zeros((), dtype=torch.long)
-        self.bytes_sent = self.bytes_received = self.num_steps = self.num_fixed_steps = 0
-        self.num_collectives = 0  # of transports already replaced (see Dispatcher.attach)
-        self.lock = threading.Lock()
-
-    def to(self, device: torch.device) -> None:
-        with self.lock:
-            self.expert_tokens = self.expert_tokens.to(device)
-            self.shard_tokens = self.shard_tokens.to(device)
-            self.min_bytes = self.min_bytes.to(device)
-
-    def snapshot(self, num_collectives: int) -> DispatchStats:
-        with self.lock:
-            return DispatchStats(
-                tuple(map(tuple, self.expert_tokens.tolist())),
-                self.bytes_sent,
-                self.bytes_received,
-                int(self.min_bytes),
-                self.num_steps,
-                self.num_fixed_steps,
-                self.num_collectives + num_collectives,
-                tuple(map(tuple, self.shard_tokens.tolist())),
-                self.num_layouts,
-                self.num_overlapped_steps,
-            )
-
-
 class Dispatcher:
-    """Sends each step's header and each layer's tokens; swapped onto a new transport when the
-    replica rebuilds its shards.
+    """Sends each step's header and each layer's tokens, by the current `ExpertLayout` (a token
+    goes to the shards holding the copies its experts' slots name); swapped onto a new
+    transport when the replica rebuilds its shards. A layer's dispatch is `start`ed without
+    waiting and `finish`ed when its result is needed (micro-batch overlap).
 
-    Two modes, chosen per step from its token count T (the shards read it in the header):
+    Two modes, chosen per step from its largest micro-batch T (the shards read it in the
+    header):
     - fixed capacity (T <= `max_fixed_tokens`, decode-sized): every token goes to every shard
       in one broadcast, and each shard returns T rows (zeros for tokens none of its experts
       serve): 2 collectives per layer, no count exchange, no host sync; the rows sent beyond
