@@ -26,13 +26,15 @@ Shapes: H hidden, K top-k, T tokens in the step.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from moe_serve.cluster.placement import ExpertLayout
 from moe_serve.cluster.transport import CollectiveTransport
 from moe_serve.models.moe import LocalExperts
-from moe_serve.models.registry import load_model
+from moe_serve.models.registry import load_config, load_model
 
 
 def pack_rows(
@@ -90,19 +92,45 @@ class ExpertShard:
         self.checkpoint, self.index, self.dtype_name = checkpoint, index, dtype
         self.device = torch.device(device)
         self.num_steps = 0
-        self._load(layout)
+        self.config = load_config(checkpoint)
+        self.experts = self._read(layout.shard_experts(index))
+        self.dtype = self.experts[0].gate_up_proj.dtype
+        self._set_layout(layout)
 
-    def _load(self, layout: ExpertLayout) -> None:
+    def _read(self, layer_expert_ids: Sequence[Sequence[int]]) -> list[LocalExperts]:
+        """These experts of each layer, from the checkpoint (nothing else is read)."""
         model = load_model(
             self.checkpoint,
             dtype=self.dtype_name,
             device=self.device,
-            layer_expert_ids=layout.shard_experts(self.index),
+            layer_expert_ids=layer_expert_ids,
             wanted=is_mlp_expert,
         )
-        self.config, self.layout = model.config, layout
-        self.experts: list[LocalExperts] = [block.experts for block in model.moe_blocks()]
-        self.dtype = self.experts[0].gate_up_proj.dtype
+        return [block.experts for block in model.moe_blocks()]
+
+    def _move_to(self, layout: ExpertLayout) -> None:
+        """Hold `layout`'s experts: the ones already here are kept (copied in the new order),
+        only the others are read from the checkpoint."""
+        wanted = layout.shard_experts(self.index)
+        held = [set(experts.expert_ids) for experts in self.experts]
+        new = self._read(
+            [[e for e in ids if e not in h] for ids, h in zip(wanted, held, strict=True)]
+        )
+        moved = []
+        for ids, old, fresh in zip(wanted, self.experts, new, strict=True):
+            sources = {e: (old, row) for row, e in enumerate(old.expert_ids)}
+            sources |= {e: (fresh, row) for row, e in enumerate(fresh.expert_ids)}
+            with torch.device("meta"):
+                experts = LocalExperts(self.config, ids)
+            for name in ("gate_up_proj", "down_proj"):
+                rows = [getattr(sources[e][0], name)[sources[e][1]] for e in ids]
+                setattr(experts, name, nn.Parameter(torch.stack(rows), requires_grad=False))
+            moved.append(experts)
+        self.experts = moved
+        self._set_layout(layout)
+
+    def _set_layout(self, layout: ExpertLayout) -> None:
+        self.layout = layout
         self.expert_of_slot = [  # [layer] -> [slot] -> expert id if held here, else -1
             torch.tensor(layout.slot_experts(layer, self.index), device=self.device)
             for layer in range(layout.num_layers)
@@ -138,7 +166,7 @@ class ExpertShard:
         words = torch.zeros(num_words, dtype=torch.long, device=self.device)
         words = transport.broadcast(words).tolist()
         layout = self.layout
-        self._load(
+        self._move_to(
             ExpertLayout.decode(words, layout.num_experts, layout.num_layers, layout.num_shards)
         )
         transport.exchange_counts([0] * transport.world_size)  # NOTE: the ack

@@ -11,6 +11,7 @@ import torch
 from moe_serve.cluster.engine_core import EngineConfig
 from moe_serve.cluster.local_replica import ThreadShardLauncher, create_local_replica
 from moe_serve.cluster.params import RequestError
+from moe_serve.cluster.placement import ExpertLayout
 from moe_serve.cluster.replica_engine import ReplicaConfig
 from moe_serve.models.registry import load_model
 from tests.cluster.test_engine_core import greedy
@@ -59,5 +60,35 @@ def test_attention_side_and_shards_split_the_weights(tiny_dirs):
                 whole = full.moe_blocks()[layer].experts
                 assert torch.equal(experts.gate_up_proj, whole.gate_up_proj[list(expert_ids)])
                 assert torch.equal(experts.down_proj, whole.down_proj[list(expert_ids)])
+    finally:
+        asyncio.run(front.shutdown())
+
+
+# 8 experts on 2 shards, a different layout per layer, with copies (expert 0 on both shards of
+# layer 0, experts 6 and 7 on both of layer 1): what an EPLB plan looks like
+MOVED = (((0, 5, 6, 7), (0, 1, 2, 3, 4)), ((1, 6, 7), (0, 2, 3, 4, 5, 6, 7)))
+
+
+@pytest.mark.slow
+def test_a_new_layout_moves_the_live_shards_weights(tiny_dirs):
+    path = str(tiny_dirs["olmoe"])
+    full = load_model(path)
+    front, replica = create_local_replica(
+        ReplicaConfig(path, expert_parallel_size=2, engine=EngineConfig(max_model_len=512)),
+        ThreadShardLauncher(),
+    )
+    try:
+        assert full.config.num_layers == len(MOVED)
+        # NOTE: on the engine's thread, between its steps and idle pings, as EPLB does
+        move = front.handle.executor.submit(replica.shards.apply_layout, ExpertLayout(8, MOVED))
+        move.result(timeout=60)
+        assert replica.dispatcher.snapshot().num_layouts == 1
+        for index, shard in enumerate(replica.launcher.shards):
+            for layer, experts in enumerate(shard.experts):
+                ids = list(MOVED[layer][index])
+                assert experts.expert_ids == tuple(ids)
+                whole = full.moe_blocks()[layer].experts
+                assert torch.equal(experts.gate_up_proj, whole.gate_up_proj[ids])
+                assert torch.equal(experts.down_proj, whole.down_proj[ids])
     finally:
         asyncio.run(front.shutdown())
