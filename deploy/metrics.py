@@ -93,6 +93,11 @@ class ReplicaCollector:
         layouts = CounterMetricFamily(
             "moe_serve_eplb_layouts", "new expert layouts applied (EPLB)", labels=labels
         )
+        overlapped = CounterMetricFamily(
+            "moe_serve_overlapped_steps",
+            "engine steps run as two micro-batches in ping-pong",
+            labels=labels,
+        )
         moved = CounterMetricFamily(
             "moe_serve_dispatch_bytes", "bytes moved to/from shards", labels=[*labels, "direction"]
         )
@@ -117,6 +122,7 @@ class ReplicaCollector:
                     for shard, count in enumerate(row):
                         shard_load.add_metric([*key, str(layer), str(shard)], count)
                 layouts.add_metric(key, dispatch.num_layouts)
+                overlapped.add_metric(key, dispatch.num_overlapped_steps)
                 moved.add_metric([*key, "sent"], dispatch.bytes_sent)
                 moved.add_metric([*key, "received"], dispatch.bytes_received)
                 moved.add_metric([*key, "minimum"], dispatch.min_bytes)
@@ -125,6 +131,7 @@ class ReplicaCollector:
         yield experts
         yield shard_load
         yield layouts
+        yield overlapped
         yield moved
 
 

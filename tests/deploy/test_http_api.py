@@ -208,6 +208,7 @@ def test_health_and_metrics(server, client):
         "moe_serve_expert_tokens_total{",
         "moe_serve_shard_tokens_total{",
         "moe_serve_eplb_layouts_total{",
+        "moe_serve_overlapped_steps_total{",
         "moe_serve_prefix_cache_queries_total{",
         "moe_serve_prefix_cache_hits_total{",
     ):
