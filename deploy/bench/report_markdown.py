@@ -46,8 +46,10 @@ Profiled with `torch.profiler` and `py-spy` on the decode step (16 sequences):
   its own single-threaded Ray actor (`EngineActor`), driven one step per call. Ray starts
   workers at nice 15 (our private instance: 0, with the fronts at 19; see "Where the served
   path spends its CPU") and sets `OMP_NUM_THREADS` to the actor's CPUs; the engine actor uses
-  all cores but one (measured on 2 cores: a second thread made steps 1.8x slower under the
-  other processes' load).
+  all cores but one at EP = 1 (measured on 2 cores: a second thread made steps 1.8x slower
+  under the other processes' load) and all cores with expert shards, with
+  `OMP_WAIT_POLICY=PASSIVE` so its threads sleep while the shards compute (see "Lean expert
+  dispatch").
 - **Dispatch.** Hidden states and routing travel as one packed byte payload. Decode-sized
   steps (up to `max_fixed_dispatch_tokens`, 64) broadcast it to every shard and take the
   results back: 2 collectives per MoE layer, no count exchange; larger steps send each token
