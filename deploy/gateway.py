@@ -5,6 +5,7 @@ name, in front of every model's ModelReplica deployment."""
 import asyncio
 import json
 import logging
+import time
 
 import grpc
 from fastapi import FastAPI, Request
@@ -263,7 +264,8 @@ class Gateway:
     async def Watch(self, request, grpc_context=None):
         """grpc.health.v1.Health/Watch: the status now, then each change. At most
         `limits.max_health_watches` streams at once: each holds one of this gateway's ongoing
-        requests for as long as it stays open."""
+        requests for as long as it stays open, at most `limits.max_health_watch_s` (then it
+        ends with OK and the client watches again)."""
         if request.service not in HEALTH_SERVICES:
             yield health_pb2.HealthCheckResponse(
                 status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -280,13 +282,13 @@ class Gateway:
             raise grpc_api.StreamAborted(details)
         self.num_watches += 1
         try:
-            last = None
-            while True:
+            last, end = None, time.monotonic() + self.config.limits.max_health_watch_s
+            while (left := end - time.monotonic()) > 0:
                 status = await self._serving_status()
                 if status != last:
                     yield health_pb2.HealthCheckResponse(status=status)
                     last = status
-                await asyncio.sleep(WATCH_PERIOD_S)
+                await asyncio.sleep(min(WATCH_PERIOD_S, left))
         finally:
             self.num_watches -= 1
 

@@ -21,6 +21,11 @@ class LimitsConfig(BaseModel):
     # prompts x n x max_tokens (unset: what each prompt leaves of max_model_len)
     max_completion_tokens_per_request: int = Field(262144, ge=1)
     max_health_watches: int = Field(64, ge=0)  # gRPC Health/Watch streams open at once
+    # NOTE: a Watch stream ends (OK; clients watch again) after this long. Serve's gRPC proxy
+    # never cancels a replica's stream whose client hung up while the proxy was writing to it
+    # (its generators are dropped at a `yield`, nothing cancels the replica call): without an
+    # end, such a stream would hold its slot for the gateway's lifetime.
+    max_health_watch_s: float = Field(300.0, gt=0)
 
     def check(self, params: SamplingParams, max_tokens: list[int]) -> None:
         """`max_tokens`: each prompt's resolved max_tokens (RequestLimits.check)."""

@@ -25,6 +25,9 @@ class Server:
         return {"Authorization": f"Bearer {self.api_key}"}
 
 
+WATCH_S = 20.0  # NOTE: a gRPC health Watch stream's lifetime (limits.max_health_watch_s)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -40,7 +43,11 @@ def app_config(tiny_dirs, http_port: int, grpc_port: int, ondemand: Path) -> dic
     return {
         "http": {"host": "127.0.0.1", "port": http_port},
         "grpc": {"port": grpc_port},
-        "limits": {"max_completion_tokens_per_request": 4096, "max_health_watches": 2},
+        "limits": {
+            "max_completion_tokens_per_request": 4096,
+            "max_health_watches": 2,
+            "max_health_watch_s": WATCH_S,
+        },
         "models": [
             {"name": "olmoe", "source": str(tiny_dirs["olmoe"])} | small,
             {"name": "jetmoe", "source": str(tiny_dirs["jetmoe"]), "expert_parallel_size": 2}

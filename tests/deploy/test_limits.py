@@ -1,6 +1,7 @@
 """The shared server's bounds on hostile input (its `limits:` block), each a 400 /
 INVALID_ARGUMENT naming the limit over HTTP and gRPC alike; at most `max_health_watches` gRPC
-health Watch streams at once; and its API key nowhere in what Serve and Ray show."""
+health Watch streams at once, each ending after `max_health_watch_s`; and its API key nowhere
+in what Serve and Ray show."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_serve.protos import moe_serving_pb2 as pb
 from moe_serve.protos import moe_serving_pb2_grpc as pb_grpc
+from tests.deploy.conftest import WATCH_S
 
 pytestmark = pytest.mark.slow
 
@@ -78,27 +80,32 @@ def test_each_bound_is_invalid_argument_over_grpc(server, case):
 
 
 def _open_watch(health) -> tuple[object, int]:
-    """A Watch stream and its first status (RpcError if refused)."""
-    watch = health.Watch(health_pb2.HealthCheckRequest())
+    """A Watch stream and its first status (RpcError if refused). Its deadline outlives the
+    server's `max_health_watch_s`: a stream the server never ends fails DEADLINE_EXCEEDED."""
+    watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=WATCH_S + 60)
     return watch, next(watch).status
 
 
-def test_health_watch_streams_are_bounded_and_freed_when_closed(server):
+def _open_two_watches(health) -> list[tuple[object, int]]:
+    # NOTE: another test's stream that Serve's proxy never cancelled ends after WATCH_S
+    deadline = time.monotonic() + WATCH_S + 30
+    while True:
+        opened = []
+        try:
+            opened.append(_open_watch(health))
+            opened.append(_open_watch(health))
+            return opened
+        except grpc.RpcError:
+            for call, _ in opened:  # NOTE: else this loop itself holds the slots
+                call.cancel()
+            assert time.monotonic() < deadline, "Watch streams of other tests stay open"
+            time.sleep(0.5)
+
+
+def test_health_watch_streams_are_bounded_freed_when_closed_and_end_in_time(server):
     with grpc.insecure_channel(server.grpc) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 30
-        while True:  # NOTE: streams other tests closed are freed asynchronously
-            opened = []
-            try:
-                opened.append(_open_watch(health))
-                opened.append(_open_watch(health))
-                break
-            except grpc.RpcError:
-                for call, _ in opened:  # NOTE: else this loop itself holds the slots
-                    call.cancel()
-                assert time.monotonic() < deadline, "Watch streams of other tests stay open"
-                time.sleep(0.5)
-        first, second = opened
+        first, second = _open_two_watches(health)
         assert first[1] == second[1] == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as error:
             _open_watch(health)
@@ -118,7 +125,9 @@ def test_health_watch_streams_are_bounded_and_freed_when_closed(server):
                 assert time.monotonic() < deadline, "a closed Watch stream was never freed"
                 time.sleep(0.5)
         third[0].cancel()
-        second[0].cancel()
+        # NOTE: the server ends a stream after limits.max_health_watch_s, with OK
+        list(second[0])  # NOTE: raises if the stream fails (DEADLINE_EXCEEDED: never ended)
+        assert second[0].code() == grpc.StatusCode.OK
 
 
 def test_the_api_key_is_nowhere_in_what_serve_and_ray_show(server):
