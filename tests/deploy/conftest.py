@@ -25,7 +25,7 @@ class Server:
         return {"Authorization": f"Bearer {self.api_key}"}
 
 
-WATCH_S = 20.0  # NOTE: a gRPC health Watch stream's lifetime (limits.max_health_watch_s)
+WATCH_S = 10.0  # NOTE: a gRPC health Watch stream's lifetime (limits.max_health_watch_s)
 
 
 def free_port() -> int:
