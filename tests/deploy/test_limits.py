@@ -86,26 +86,29 @@ def _open_watch(health) -> tuple[object, int]:
     return watch, next(watch).status
 
 
-def _open_two_watches(health) -> list[tuple[object, int]]:
-    # NOTE: another test's stream that Serve's proxy never cancelled ends after WATCH_S
-    deadline = time.monotonic() + WATCH_S + 30
+def _open_watches(health, num: int, wait_s: float, why: str) -> list[tuple[object, int]]:
+    """`num` Watch streams at once, retried for up to `wait_s` while slots are still held."""
+    deadline = time.monotonic() + wait_s
     while True:
         opened = []
         try:
-            opened.append(_open_watch(health))
-            opened.append(_open_watch(health))
+            for _ in range(num):
+                opened.append(_open_watch(health))
             return opened
         except grpc.RpcError:
             for call, _ in opened:  # NOTE: else this loop itself holds the slots
                 call.cancel()
-            assert time.monotonic() < deadline, "Watch streams of other tests stay open"
+            assert time.monotonic() < deadline, why
             time.sleep(0.5)
 
 
 def test_health_watch_streams_are_bounded_freed_when_closed_and_end_in_time(server):
     with grpc.insecure_channel(server.grpc) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        first, second = _open_two_watches(health)
+        # NOTE: another test's stream that Serve's proxy never cancelled ends after WATCH_S
+        first, second = _open_watches(
+            health, 2, WATCH_S + 30, "Watch streams of other tests stay open"
+        )
         assert first[1] == second[1] == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as error:
             _open_watch(health)
@@ -116,14 +119,7 @@ def test_health_watch_streams_are_bounded_freed_when_closed_and_end_in_time(serv
             == health_pb2.HealthCheckResponse.SERVING
         )  # NOTE: Check is never bounded
         first[0].cancel()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                third = _open_watch(health)
-                break
-            except grpc.RpcError:
-                assert time.monotonic() < deadline, "a closed Watch stream was never freed"
-                time.sleep(0.5)
+        (third,) = _open_watches(health, 1, 30, "a closed Watch stream was never freed")
         third[0].cancel()
         # NOTE: the server ends a stream after limits.max_health_watch_s, with OK
         list(second[0])  # NOTE: raises if the stream fails (DEADLINE_EXCEEDED: never ended)
