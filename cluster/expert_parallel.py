@@ -121,6 +121,7 @@ class Dispatcher:
     def ping(self) -> None:
         try:
             self._send_header(Command.PING)
+            self.transport.exchange_counts([0] * self.transport.world_size)
         except TransportError as exc:
             raise ShardFailure(f"an idle expert shard stopped answering ({exc})") from exc
 

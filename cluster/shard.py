@@ -4,6 +4,7 @@ Per-step protocol (rank 0 is the attention actor):
   header   broadcast [command, is_fixed, T_0, T_1]: STEP (micro-batches of T_0 and T_1
            tokens; T_1 = 0: one), PING (keepalive), STOP, PLACE (a new layout of T_0 words
            follows: EPLB, between steps)
+  PING:    ack      count exchange (all zeros): a round trip, so a hung shard is noticed
   PLACE:   layout   broadcast: `ExpertLayout.encode()`; every shard loads its new experts
            ack      count exchange (all zeros) once loaded: the next step may start
   STEP, for each MoE layer in order, for each micro-batch in turn (the attention rank computes
@@ -161,6 +162,8 @@ class ExpertShard:
                 self.num_steps += 1
             elif command == Command.PLACE:
                 self._place(transport, sizes[0])
+            elif command == Command.PING:
+                transport.exchange_counts([0] * transport.world_size)
 
     def _place(self, transport: CollectiveTransport, num_words: int) -> None:
         words = torch.zeros(num_words, dtype=torch.long, device=self.device)

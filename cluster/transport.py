@@ -6,6 +6,13 @@ the rendezvous store (`Rendezvous`) on a free port of its node's own address, on
 group forms. Every operation waits at most `timeout_s`; a failed or timed-out one raises
 `TransportError` in the caller, on both backends, and the replica then aborts the group
 (`close`) and rebuilds it.
+
+The group is a star: rank 0 exchanges with every shard, shards never with each other. Each
+operation (broadcast from rank 0, all-to-all, count exchange) is one NCCL collective on CUDA;
+on gloo it is realised as point-to-point messages between rank 0 and each shard
+(`point_to_point`), because gloo's collectives pair every rank with every other: a decode
+layer's broadcast and result all-to-all among 3 ranks took 2.06 ms on this 2-core VM, the same
+bytes as messages 0.44 ms (0.53 and 0.15 ms among 2 ranks; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -117,10 +125,11 @@ def local_ip() -> str:
 
 
 class Work:
-    """A started collective (`CollectiveTransport.start_*`); `CollectiveTransport.wait` it."""
+    """A started operation (`CollectiveTransport.start_*`): one collective, or its messages
+    to and from each peer; `CollectiveTransport.wait` it."""
 
-    def __init__(self, work: dist.Work, what: str) -> None:
-        self.work, self.what, self.keep = work, what, ()
+    def __init__(self, works: list[dist.Work], what: str) -> None:
+        self.works, self.what, self.keep = works, what, ()
 
 
 def formed_key(rank: int) -> str:
@@ -138,9 +147,12 @@ class CollectiveTransport:
         device: torch.device,
         timeout_s: float,
         host: str,
+        point_to_point: bool | None = None,
     ) -> None:
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.num_collectives = 0  # every collective this rank took part in
+        # NOTE: messages on gloo, collectives on NCCL (module docstring); tests run both on gloo
+        self.is_point_to_point = device.type != "cuda" if point_to_point is None else point_to_point
+        self.num_collectives = 0  # every operation this rank took part in
         timeout = datetime.timedelta(seconds=timeout_s)
         self.timeout = timeout
         try:
@@ -163,30 +175,61 @@ class CollectiveTransport:
         device: torch.device,
         timeout_s: float,
         local_host: str,
+        point_to_point: bool | None = None,
     ) -> CollectiveTransport:
         """Connect to the rendezvous at host:port (rank 0's `Rendezvous`) and join the group;
         every rank, rank 0 included, joins this way."""
         store = dist.TCPStore(
             host, port, world_size, False, timeout=datetime.timedelta(seconds=timeout_s)
         )
-        return cls(store, rank, world_size, device, timeout_s, local_host)
+        return cls(store, rank, world_size, device, timeout_s, local_host, point_to_point)
 
     def wait(self, work: Work) -> None:
-        """Wait for a started collective (raises TransportError if it failed or timed out)."""
+        """Wait for a started operation (raises TransportError if it failed or timed out)."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
         try:
-            work.work.wait(self.timeout)
+            for one in work.works:
+                left = max(deadline - time.monotonic(), 0.001)
+                one.wait(datetime.timedelta(seconds=left))
         except RuntimeError as exc:
             raise TransportError(f"{work.what} failed on rank {self.rank}: {exc}") from exc
 
     def _start(self, start, what: str) -> Work:
         self.num_collectives += 1
         try:
-            return Work(start(), what)
+            started = start()
         except RuntimeError as exc:  # NOTE: a group already broken can refuse at once
             raise TransportError(f"{what} failed on rank {self.rank}: {exc}") from exc
+        return Work(started if isinstance(started, list) else [started], what)
+
+    def _messages(self, sends: list, recvs: list, what: str) -> Work:
+        """Point-to-point: each (peer, tensor) of `sends` to its peer, each of `recvs` filled
+        from its peer. Between two ranks, messages arrive in the order sent, and both sides
+        take part in operations in the same order (the protocol), so sizes always match."""
+        work = self._start(
+            lambda: (
+                [self.group.send([t], peer, 0) for peer, t in sends]
+                + [self.group.recv([t], peer, 0) for peer, t in recvs]
+            ),
+            what,
+        )
+        work.keep = (sends, recvs)  # NOTE: the buffers must outlive the messages
+        return work
+
+    def _peers(self, counts: list[int]) -> list[int]:
+        """Rank 0 talks to every shard, a shard to rank 0 only: the star."""
+        peers = range(1, self.world_size) if self.rank == 0 else [0]
+        if any(counts[r] for r in range(self.world_size) if r not in peers and r != self.rank):
+            raise ValueError(f"rank {self.rank} cannot exchange with shards: {counts}")
+        return list(peers)
 
     def start_broadcast(self, tensor: torch.Tensor) -> Work:
         """Rank 0's `tensor` to everyone (in place), once `wait`ed for."""
+        if self.is_point_to_point:
+            peers = [(peer, tensor) for peer in self._peers([0] * self.world_size)]
+            if self.rank == 0:
+                return self._messages(peers, [], "broadcast")
+            return self._messages([], peers, "broadcast")
         options = dist.BroadcastOptions()
         options.rootRank = 0
         return self._start(lambda: self.group.broadcast([tensor], options), "broadcast")
@@ -198,6 +241,8 @@ class CollectiveTransport:
         received [sum(recv_counts), ...] in rank order, filled once `wait`ed for."""
         recv = send.new_empty((sum(recv_counts), *send.shape[1:]))
         send = send.contiguous()
+        if self.is_point_to_point:
+            return recv, self._all_to_all_messages(send, send_counts, recv, recv_counts)
         work = self._start(
             lambda: self.group.alltoall_base(
                 recv, send, recv_counts, send_counts, dist.AllToAllOptions()
@@ -207,9 +252,27 @@ class CollectiveTransport:
         work.keep = (send, recv)  # NOTE: the buffers must outlive the collective
         return recv, work
 
+    def _all_to_all_messages(self, send, send_counts, recv, recv_counts) -> Work:
+        peers = self._peers(send_counts)
+        self._peers(recv_counts)
+        sends = list(zip(range(self.world_size), send.split(send_counts), strict=True))
+        recvs = list(zip(range(self.world_size), recv.split(recv_counts), strict=True))
+        recvs[self.rank][1].copy_(sends[self.rank][1])
+        return self._messages(
+            [(r, t) for r, t in sends if r in peers and len(t)],
+            [(r, t) for r, t in recvs if r in peers and len(t)],
+            "all-to-all",
+        )
+
     def start_exchange_counts(self, counts: list[int]) -> tuple[torch.Tensor, Work]:
         """Send counts[r] to rank r; what each rank sent here, once `wait`ed for."""
         send = torch.tensor(counts, dtype=torch.long, device=self.device)
+        if self.is_point_to_point:
+            peers = self._peers(counts)
+            recv = torch.zeros_like(send)
+            recv[self.rank] = send[self.rank]
+            pairs = lambda t: [(r, t[r : r + 1]) for r in peers]  # noqa: E731
+            return recv, self._messages(pairs(send), pairs(recv), "count exchange")
         recv = torch.empty_like(send)
         work = self._start(
             lambda: self.group.alltoall_base(recv, send, [], [], dist.AllToAllOptions()),

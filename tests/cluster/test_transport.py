@@ -1,6 +1,8 @@
 """The collective transport on gloo: the rendezvous listens on its host only and only until the
-group forms; a peer that stops answering raises in the caller, and the aborted group is formed
-again in the same process. The NCCL path runs the same functions (`create_group`, `close`)."""
+group forms; both realisations of the star's operations (messages, gloo's default; collectives,
+NCCL's) deliver what each rank sent; a peer that stops answering raises in the caller, and the
+aborted group is formed again in the same process. The NCCL path runs the same functions
+(`create_group`, `close`)."""
 
 from __future__ import annotations
 
@@ -32,20 +34,23 @@ def _listeners(port: int) -> list[str]:
     return found
 
 
-def _form(world_size: int, timeout_s: float) -> tuple[CollectiveTransport, list, Rendezvous]:
+def _form(
+    world_size: int, timeout_s: float, point_to_point: bool | None = None
+) -> tuple[CollectiveTransport, list, Rendezvous]:
     """Rank 0 here, ranks 1.. in threads: every rank joins as the replica's do."""
     rendezvous = Rendezvous(HOST, world_size, timeout_s)
     peers: dict[int, CollectiveTransport] = {}
 
-    def join(rank: int) -> None:
+    def join(rank: int) -> CollectiveTransport:
         peers[rank] = CollectiveTransport.join(
-            HOST, rendezvous.port, rank, world_size, CPU, timeout_s, HOST
+            HOST, rendezvous.port, rank, world_size, CPU, timeout_s, HOST, point_to_point
         )
+        return peers[rank]
 
     threads = [threading.Thread(target=join, args=(r,)) for r in range(1, world_size)]
     for thread in threads:
         thread.start()
-    rank0 = CollectiveTransport.join(HOST, rendezvous.port, 0, world_size, CPU, timeout_s, HOST)
+    rank0 = join(0)
     for thread in threads:
         thread.join()
     return rank0, [peers[r] for r in range(1, world_size)], rendezvous
@@ -72,6 +77,46 @@ def test_the_rendezvous_listens_on_its_host_only_until_the_group_forms():
     rendezvous.close()
     assert _listeners(rendezvous.port) == []
     assert _broadcast_everywhere(rank0, peers) == [7, 7]  # NOTE: the group needs no store
+    for member in (rank0, *peers):
+        member.close()
+
+
+def _shard_side(peer: CollectiveTransport, seen: dict) -> None:
+    """What a shard does with a step: header, its token count, its rows, results back."""
+    seen[peer.rank, "header"] = peer.broadcast(torch.zeros(2, dtype=torch.long)).tolist()
+    counts = peer.exchange_counts([peer.rank * 10, 0, 0])
+    seen[peer.rank, "counts"] = counts
+    rows = peer.all_to_all(torch.zeros(0, 2), [0, 0, 0], counts)
+    peer.all_to_all(rows * 10 + peer.rank, counts, [0, 0, 0])
+
+
+@pytest.mark.parametrize("point_to_point", [True, False], ids=["messages", "collectives"])
+def test_each_rank_receives_what_the_others_sent_it(point_to_point):
+    rank0, peers, rendezvous = _form(3, timeout_s=20, point_to_point=point_to_point)
+    rendezvous.close()
+    assert [m.is_point_to_point for m in (rank0, *peers)] == [point_to_point] * 3
+    seen: dict = {}
+    threads = [threading.Thread(target=_shard_side, args=(p, seen)) for p in peers]
+    for thread in threads:
+        thread.start()
+    rank0.broadcast(torch.tensor([5, 6]))
+    assert rank0.exchange_counts([0, 1, 2]) == [0, 10, 20]  # NOTE: shard s sent s * 10
+    rows = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])  # 1 for shard 1, 2 for shard 2
+    rank0.all_to_all(rows, [0, 1, 2], [0, 0, 0])
+    back = rank0.all_to_all(torch.zeros(0, 2), [0, 0, 0], [0, 1, 2])
+    for thread in threads:
+        thread.join()
+    assert back.tolist() == [[11.0, 11.0], [22.0, 22.0], [32.0, 32.0]]
+    assert seen == {
+        (1, "header"): [5, 6],
+        (2, "header"): [5, 6],
+        (1, "counts"): [1, 0, 0],
+        (2, "counts"): [2, 0, 0],
+    }
+    if point_to_point:  # NOTE: shards never exchange with each other
+        with pytest.raises(ValueError, match="cannot exchange with shards"):
+            peers[0].all_to_all(torch.zeros(1, 2), [0, 0, 1], [0, 0, 0])
+    assert rank0.num_collectives == 4
     for member in (rank0, *peers):
         member.close()
 
