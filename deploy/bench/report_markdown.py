@@ -68,8 +68,10 @@ Profiled with `torch.profiler` and `py-spy` on the decode step (16 sequences):
   replica front and Ray take most of the other (top: 13-20% each). The in-process engine has
   both cores to itself. Keeping two steps queued on the engine actor (so it never waits for the
   front) gained ~6%; giving it two threads gained nothing under that load. With expert
-  parallelism, each all-to-all among 3 gloo ranks costs ~1.3 ms on this VM (measured with bare
-  `ProcessGroupGloo`): 13 collectives per decode step for 6 layers (19 in the exact mode).
+  parallelism, a decode layer's broadcast and result all-to-all among 3 gloo ranks cost 2.06 ms
+  as gloo collectives on this VM and 0.44 ms as point-to-point messages, which the transport
+  now sends on gloo (see "Point-to-point messages on gloo"): 13 operations per decode step for
+  6 layers (19 in the exact mode).
 """
 
 
@@ -177,7 +179,8 @@ ONE_THREAD_NOTE = (
 
 STEP_NOTE = (
     "The run shown is the median of the repeated runs by its EP=2/EP=1 ratio at batch 16. "
-    "Shards are Ray actors on the same 2 cores, joined by gloo over loopback. Bytes: "
+    "Shards are Ray actors on the same 2 cores, joined by gloo (point-to-point messages) "
+    "over loopback. Bytes: "
     "what the dispatch moved per step (payload rows carry 8K bytes of routing besides "
     "the hidden state) against tokens x distinct shards x hidden x bytes, each way."
 )
