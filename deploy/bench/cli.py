@@ -181,6 +181,18 @@ def _add_context(kinds) -> None:
     context.set_defaults(func=_json_report("context_bench", "bench_context"))
 
 
+def _add_transport(kinds) -> None:
+    transport = kinds.add_parser(
+        "transport", help="a decode layer's hand-offs: gloo messages vs gloo collectives"
+    )
+    transport.add_argument("--ranks", type=positive_int_list, default=[2, 3])
+    transport.add_argument("--batch", type=positive_int_list, default=[1, 16, 64])
+    transport.add_argument("--rounds", type=positive_int, default=500)
+    transport.add_argument("--hidden-size", type=positive_int, default=512)
+    transport.add_argument("--top-k", type=positive_int, default=4)
+    transport.set_defaults(func=_json_report("transport_bench", "bench_transport"))
+
+
 def add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks, side by side with transformers")
     kinds = bench.add_subparsers(dest="kind", required=True)
@@ -188,6 +200,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     _add_online(kinds)
     _add_others(kinds)
     _add_context(kinds)
+    _add_transport(kinds)
 
 
 def _run_online(args: argparse.Namespace) -> int:
