@@ -121,7 +121,7 @@ class Dispatcher:
     def ping(self) -> None:
         try:
             self._send_header(Command.PING)
-            self.transport.exchange_counts([0] * self.transport.world_size)
+            self.transport.ack()
         except TransportError as exc:
             raise ShardFailure(f"an idle expert shard stopped answering ({exc})") from exc
 
@@ -136,7 +136,7 @@ class Dispatcher:
             self._send_header(Command.PLACE, [len(words)])
             self.transport.broadcast(torch.tensor(words, dtype=torch.long, device=self.device))
             # NOTE: the shards load their new experts before they answer: within the timeout
-            self.transport.exchange_counts([0] * self.transport.world_size)
+            self.transport.ack()
         except TransportError as exc:
             raise _step_failure(exc) from exc
         self._set_layout(layout)

@@ -163,7 +163,7 @@ class ExpertShard:
             elif command == Command.PLACE:
                 self._place(transport, sizes[0])
             elif command == Command.PING:
-                transport.exchange_counts([0] * transport.world_size)
+                transport.ack()
 
     def _place(self, transport: CollectiveTransport, num_words: int) -> None:
         words = torch.zeros(num_words, dtype=torch.long, device=self.device)
@@ -172,7 +172,7 @@ class ExpertShard:
         self._move_to(
             ExpertLayout.decode(words, layout.num_experts, layout.num_layers, layout.num_shards)
         )
-        transport.exchange_counts([0] * transport.world_size)  # NOTE: the ack
+        transport.ack()
 
     def _rows(self, num_rows: int) -> torch.Tensor:
         top_k = self.config.num_experts_per_tok

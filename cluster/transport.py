@@ -152,6 +152,8 @@ class CollectiveTransport:
         self.rank, self.world_size, self.device = rank, world_size, device
         # NOTE: messages on gloo, collectives on NCCL (module docstring); tests run both on gloo
         self.is_point_to_point = device.type != "cuda" if point_to_point is None else point_to_point
+        # the star: rank 0 talks to every shard, a shard to rank 0 only
+        self.peers = list(range(1, world_size)) if rank == 0 else [0]
         self.num_collectives = 0  # every operation this rank took part in
         timeout = datetime.timedelta(seconds=timeout_s)
         self.timeout = timeout
@@ -197,10 +199,9 @@ class CollectiveTransport:
     def _start(self, start, what: str) -> Work:
         self.num_collectives += 1
         try:
-            started = start()
+            return Work(start(), what)
         except RuntimeError as exc:  # NOTE: a group already broken can refuse at once
             raise TransportError(f"{what} failed on rank {self.rank}: {exc}") from exc
-        return Work(started if isinstance(started, list) else [started], what)
 
     def _messages(self, sends: list, recvs: list, what: str) -> Work:
         """Point-to-point: each (peer, tensor) of `sends` to its peer, each of `recvs` filled
@@ -216,23 +217,21 @@ class CollectiveTransport:
         work.keep = (sends, recvs)  # NOTE: the buffers must outlive the messages
         return work
 
-    def _peers(self, counts: list[int]) -> list[int]:
-        """Rank 0 talks to every shard, a shard to rank 0 only: the star."""
-        peers = range(1, self.world_size) if self.rank == 0 else [0]
-        if any(counts[r] for r in range(self.world_size) if r not in peers and r != self.rank):
+    def _check_star(self, counts: list[int]) -> None:
+        """Counts to or from ranks outside the star (shard to shard) must be 0."""
+        if any(counts[r] for r in range(self.world_size) if r not in self.peers and r != self.rank):
             raise ValueError(f"rank {self.rank} cannot exchange with shards: {counts}")
-        return list(peers)
 
     def start_broadcast(self, tensor: torch.Tensor) -> Work:
         """Rank 0's `tensor` to everyone (in place), once `wait`ed for."""
         if self.is_point_to_point:
-            peers = [(peer, tensor) for peer in self._peers([0] * self.world_size)]
+            peers = [(peer, tensor) for peer in self.peers]
             if self.rank == 0:
                 return self._messages(peers, [], "broadcast")
             return self._messages([], peers, "broadcast")
         options = dist.BroadcastOptions()
         options.rootRank = 0
-        return self._start(lambda: self.group.broadcast([tensor], options), "broadcast")
+        return self._start(lambda: [self.group.broadcast([tensor], options)], "broadcast")
 
     def start_all_to_all(
         self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]
@@ -244,17 +243,20 @@ class CollectiveTransport:
         if self.is_point_to_point:
             return recv, self._all_to_all_messages(send, send_counts, recv, recv_counts)
         work = self._start(
-            lambda: self.group.alltoall_base(
-                recv, send, recv_counts, send_counts, dist.AllToAllOptions()
-            ),
+            lambda: [
+                self.group.alltoall_base(
+                    recv, send, recv_counts, send_counts, dist.AllToAllOptions()
+                )
+            ],
             "all-to-all",
         )
         work.keep = (send, recv)  # NOTE: the buffers must outlive the collective
         return recv, work
 
     def _all_to_all_messages(self, send, send_counts, recv, recv_counts) -> Work:
-        peers = self._peers(send_counts)
-        self._peers(recv_counts)
+        self._check_star(send_counts)
+        self._check_star(recv_counts)
+        peers = self.peers
         sends = list(zip(range(self.world_size), send.split(send_counts), strict=True))
         recvs = list(zip(range(self.world_size), recv.split(recv_counts), strict=True))
         recvs[self.rank][1].copy_(sends[self.rank][1])
@@ -268,14 +270,14 @@ class CollectiveTransport:
         """Send counts[r] to rank r; what each rank sent here, once `wait`ed for."""
         send = torch.tensor(counts, dtype=torch.long, device=self.device)
         if self.is_point_to_point:
-            peers = self._peers(counts)
+            self._check_star(counts)
             recv = torch.zeros_like(send)
             recv[self.rank] = send[self.rank]
-            pairs = lambda t: [(r, t[r : r + 1]) for r in peers]  # noqa: E731
+            pairs = lambda t: [(r, t[r : r + 1]) for r in self.peers]  # noqa: E731
             return recv, self._messages(pairs(send), pairs(recv), "count exchange")
         recv = torch.empty_like(send)
         work = self._start(
-            lambda: self.group.alltoall_base(recv, send, [], [], dist.AllToAllOptions()),
+            lambda: [self.group.alltoall_base(recv, send, [], [], dist.AllToAllOptions())],
             "count exchange",
         )
         work.keep = (send, recv)
@@ -296,6 +298,11 @@ class CollectiveTransport:
         recv, work = self.start_exchange_counts(counts)
         self.wait(work)
         return recv.tolist()
+
+    def ack(self) -> None:
+        """A round trip with nothing in it (a count exchange of zeros): rank 0 returns once
+        every shard has answered (PING, PLACE)."""
+        self.exchange_counts([0] * self.world_size)
 
     def close(self) -> None:
         """Leave the group by aborting it, on both backends: with a dead or hung peer a plain
