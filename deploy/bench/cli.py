@@ -190,6 +190,7 @@ def _add_transport(kinds) -> None:
     transport.add_argument("--rounds", type=positive_int, default=500)
     transport.add_argument("--hidden-size", type=positive_int, default=512)
     transport.add_argument("--top-k", type=positive_int, default=4)
+    transport.add_argument("--out", type=Path, help="write the JSON report here")
     transport.set_defaults(func=_json_report("transport_bench", "bench_transport"))
 
 

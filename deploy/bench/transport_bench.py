@@ -6,10 +6,12 @@ their own; the two realisations alternate (A B B A) so that drift weighs on both
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -74,7 +76,12 @@ def _time_layers(world: int, is_p2p: bool, shape: tuple, rounds: int) -> float:
 
 
 def bench_transport(
-    ranks: list[int], batch: list[int], rounds: int, hidden_size: int, top_k: int
+    ranks: list[int],
+    batch: list[int],
+    rounds: int,
+    hidden_size: int,
+    top_k: int,
+    out: Path | None = None,
 ) -> dict:
     torch.set_num_threads(1)
     table = []
@@ -94,4 +101,7 @@ def bench_transport(
                 f"({row['collectives / messages']:.2f}x)",
                 file=sys.stderr,
             )
-    return {"rounds": rounds, "hidden_size": hidden_size, "top_k": top_k, "layers": table}
+    report = {"rounds": rounds, "hidden_size": hidden_size, "top_k": top_k, "layers": table}
+    if out is not None:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
