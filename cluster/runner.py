@@ -18,7 +18,7 @@ from moe_serve.models.attention import (
     allocate_kv_cache,
 )
 from moe_serve.models.base import MoeForCausalLM
-from moe_serve.models.paged_flex import warm_up
+from moe_serve.models.paged_flex import check_supported, warm_up
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class ModelRunner:
         self.step_hook: Callable[[list[int]], None] | None = None
         self.overlap: OverlapPolicy | None = None
         if attention_backend == "flex":
+            check_supported(param.device, cfg.head_dim, block_size)
             warm_up(self.kv_caches[0].key, cfg.num_heads, block_size)
 
     def _flatten(self, batch: list[ScheduledSeq]):

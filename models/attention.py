@@ -18,6 +18,7 @@ from moe_serve.models.paged_flex import (
     FlexGroup,
     flex_paged_attention,
     padded_queries,
+    real_rows_of,
     slot_positions,
 )
 from moe_serve.models.paged_sdpa import SdpaPlan, sdpa_paged_attention
@@ -136,7 +137,7 @@ class FreshPrefills:
     faster than the flex kernel for such prefills (docs/performance.md)."""
 
     token_ids: torch.Tensor  # [G, L] long: flat-batch index of each query (padding repeats)
-    is_real: torch.Tensor  # [G, L] bool
+    real_rows: torch.Tensor  # [Gr] long: rows of the flattened [G * L] that are real
     real_token_ids: torch.Tensor  # [Gr] long
 
     @classmethod
@@ -150,8 +151,10 @@ class FreshPrefills:
         lens = as_long([query_lens[b] for b in ids])
         first = torch.zeros_like(lens)
         query_starts = as_long([starts[b] for b in ids])
-        token_ids, is_real = padded_queries(query_starts, first, lens, int(lens.max()))
-        return cls(token_ids, is_real, token_ids[is_real])
+        longest = max(query_lens[b] for b in ids)  # NOTE: from the host's list: no sync
+        token_ids, is_real = padded_queries(query_starts, first, lens, longest)
+        real_rows = real_rows_of(is_real)
+        return cls(token_ids, real_rows, token_ids.flatten()[real_rows])
 
     def attend(self, query, key, value, scale: float) -> torch.Tensor:
         """query [T, Hq, D], new key/value [T, Hkv, D] -> [Gr, Hq, D]."""
@@ -159,7 +162,7 @@ class FreshPrefills:
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
         )
-        return out.transpose(1, 2)[self.is_real]
+        return out.transpose(1, 2).flatten(0, 1)[self.real_rows]
 
 
 def _flex_groups(query_lens, starts, seq_lens, block_tables, num_blocks, block_size, device):

@@ -148,7 +148,8 @@ class MoeForCausalLM(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
-        return hidden, self.rotary.cos_sin(positions, meta.token_seq_lens, hidden.dtype)
+        longest = max(meta.seq_lens, default=1)  # NOTE: host ints: no sync
+        return hidden, self.rotary.cos_sin(positions, meta.token_seq_lens, hidden.dtype, longest)
 
     def forward_micro_batches(
         self,

@@ -97,9 +97,16 @@ class RotaryEmbedding:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
-    def cos_sin(self, positions: torch.Tensor, seq_lens: torch.Tensor | None, dtype: torch.dtype):
-        """positions [T] and each token's sequence length [T] -> cos, sin [T, D] in `dtype`."""
-        cos_t, sin_t = self._table(int(positions.max()) + 1, positions.device, dtype)
+    def cos_sin(
+        self,
+        positions: torch.Tensor,
+        seq_lens: torch.Tensor | None,
+        dtype: torch.dtype,
+        max_seq_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] and each token's sequence length [T] -> cos, sin [T, D] in `dtype`;
+        `max_seq_len` (a host int: no sync) bounds every position."""
+        cos_t, sin_t = self._table(max_seq_len, positions.device, dtype)
         cos, sin = cos_t[positions], sin_t[positions]
         if self.rope.scaling_type != "dynamic" or seq_lens is None:
             return cos, sin

@@ -53,6 +53,32 @@ def _configure_dynamo_in_this_thread() -> None:
 _MIN_ROWS, _MIN_PREFILL_TILES = 2, 2
 
 
+# NOTE: on CUDA flex compiles to Triton, whose matrix products need every dimension >= 16: the
+# head dim (query x key) and the KV tile, a divisor of the cache block (scores x value)
+MIN_CUDA_TILE = 16
+
+
+def check_supported(device: torch.device, head_dim: int, block_size: int) -> None:
+    """Refuse, with the way out, what the compiled kernel cannot run on `device`, before the
+    first compile fails with a Triton error."""
+    if device.type == "cuda" and (head_dim < MIN_CUDA_TILE or block_size % MIN_CUDA_TILE):
+        raise ValueError(
+            f"attention_backend 'flex' on CUDA needs a head dim of at least {MIN_CUDA_TILE} and "
+            f"a block_size that is a multiple of {MIN_CUDA_TILE} (Triton's matrix products); "
+            f"this model's head dim is {head_dim} and block_size is {block_size}: set "
+            f"block_size to a multiple of {MIN_CUDA_TILE}, or attention_backend: sdpa"
+        )
+
+
+def kernel_options(device: torch.device, block_size: int) -> dict[str, int] | None:
+    """On CUDA, Triton tiles that divide the step's sparse blocks: queries Q_BLOCK, keys one
+    cache block (the default tiles, 64 and more, would not divide a block of 16 or 32)."""
+    if device.type != "cuda":
+        return None
+    tile_n = next(n for n in (64, 32, MIN_CUDA_TILE) if block_size % n == 0)
+    return {"BLOCK_M": min(Q_BLOCK, 64), "BLOCK_N": tile_n}
+
+
 def slot_positions(
     seq_lens: list[int], block_tables: list[list[int]], num_blocks: int, block_size: int, device
 ) -> torch.Tensor:
@@ -79,7 +105,7 @@ class FlexGroup:
     """Sequences whose new tokens attend in one flex_attention call."""
 
     token_ids: torch.Tensor  # [G, Lq] long: flat-batch index of each query (padding repeats)
-    is_real: torch.Tensor  # [G, Lq] bool: False where the query row is padding
+    real_rows: torch.Tensor  # [Gr] long: each real query's row of [G * Lq] (not padding)
     real_token_ids: torch.Tensor  # [Gr] long: flat-batch index of each real query, in order
     block_mask: BlockMask
 
@@ -129,7 +155,14 @@ class FlexGroup:
             seq_lengths=(num_queries, num_blocks * block_size),
             compute_q_blocks=False,
         )
-        return cls(token_ids, is_real, token_ids[is_real], block_mask)
+        real_rows = real_rows_of(is_real)
+        return cls(token_ids, real_rows, token_ids.flatten()[real_rows], block_mask)
+
+
+def real_rows_of(is_real: torch.Tensor) -> torch.Tensor:
+    """[G, L] bool -> [Gr] long rows of the flattened [G * L] that are real. NOTE: a host sync
+    (the count sizes the output): once per step, when the step's metadata is built."""
+    return is_real.flatten().nonzero().squeeze(1)
 
 
 def padded_queries(query_starts, starts, ends, num_queries: int):
@@ -197,8 +230,10 @@ def flex_paged_attention(
         block_mask=group.block_mask,
         scale=1.0,
         enable_gqa=query.shape[1] != num_kv_heads,
+        kernel_options=kernel_options(query.device, group.block_mask.BLOCK_SIZE[1]),
     )
-    return out.transpose(1, 2)[group.is_real]
+    # NOTE: rows by index, not by boolean mask: no host sync in the per-layer loop
+    return out.transpose(1, 2).flatten(0, 1)[group.real_rows]
 
 
 def warm_up(key_pool: torch.Tensor, num_heads: int, block_size: int) -> None:

@@ -8,6 +8,7 @@ import torch
 
 from moe_serve.cluster.engine_core import EngineConfig
 from moe_serve.models.attention import AttentionMetadata, allocate_kv_cache, paged_attention
+from moe_serve.models.paged_flex import check_supported
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, NUM_BLOCKS = 4, 2, 8, 40
 
@@ -97,3 +98,15 @@ def test_paged_attention_matches_dense_attention(layout: str, block_size: int, b
 def test_unknown_attention_backend_is_refused():
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         EngineConfig(attention_backend="paged")
+
+
+def test_flex_on_cuda_refuses_what_triton_cannot_compile():
+    cuda = torch.device("cuda")  # NOTE: the check reads the device's type; no GPU needed
+    check_supported(cuda, 16, 16)
+    check_supported(cuda, 128, 32)
+    for head_dim, block_size in ((8, 16), (64, 8), (64, 24)):
+        with pytest.raises(
+            ValueError, match=f"head dim is {head_dim} and block_size is {block_size}"
+        ):
+            check_supported(cuda, head_dim, block_size)
+    check_supported(torch.device("cpu"), 4, 3)  # the C++ kernel takes any shape
