@@ -79,6 +79,7 @@ class ShardGroup:
         self.down_reason: str | None = None  # why the shards are down; None while they serve
         self.failures_in_a_row = 0
         self.next_attempt_at = 0.0  # time.monotonic() of the next rebuild attempt
+        self.is_shut_down = False  # after `shutdown`: no ping, no rebuild, ever
         self.connect()
 
     @property
@@ -117,7 +118,9 @@ class ShardGroup:
 
     def try_rebuild(self) -> None:
         """Rebuild if the shards are down and an attempt is due (never after giving up)."""
-        if self.is_up or self.has_given_up or time.monotonic() < self.next_attempt_at:
+        if self.is_up or self.has_given_up or self.is_shut_down:
+            return
+        if time.monotonic() < self.next_attempt_at:
             return
         try:
             self.connect()
@@ -145,7 +148,7 @@ class ShardGroup:
 
     def ping(self) -> None:
         """Keepalive while idle: a dead shard is found here (and the group lost)."""
-        if not self.is_up:
+        if not self.is_up or self.is_shut_down:
             return
         try:
             self.dispatcher.ping()
@@ -162,7 +165,10 @@ class ShardGroup:
         )
 
     def shutdown(self) -> None:
-        """Tell the shards to stop and tear them down."""
+        """Tell the shards to stop and tear them down. For good: a call that reaches the
+        replica after this one (an idle tick already on its way) must not start new shards."""
+        self.is_shut_down = True
+        self.down_reason = "the replica is shutting down"
         try:
             if self.dispatcher.transport is not None:
                 self.dispatcher.stop()

@@ -5,8 +5,28 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from moe_serve.models.tiny import ARCHS, write_tiny
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where the device-aware tests run models and shards (default cpu; cuda: the "
+        "CUDA and NCCL paths, see docs/gpu.md)",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device of the device-aware tests (`--device`); cuda without a GPU is an error."""
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: torch sees no CUDA device here")
+    return torch.device(name)
 
 
 @pytest.fixture(scope="session")

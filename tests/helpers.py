@@ -54,7 +54,7 @@ def write_hf_checkpoint(
 def hf_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     """Full-sequence logits [L, V] of one sequence."""
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
+        return model(torch.tensor([ids], device=model.device)).logits[0].float()
 
 
 class PagedRunner:
@@ -69,11 +69,17 @@ class PagedRunner:
         attention_backend: AttentionBackend = "flex",
     ):
         cfg = model.config
-        dtype = next(model.parameters()).dtype
+        param = next(model.parameters())
         self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
-        self.attention_backend = attention_backend
+        self.attention_backend, self.device = attention_backend, param.device
         self.caches = allocate_kv_cache(
-            cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype
+            cfg.num_layers,
+            num_blocks,
+            block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            param.dtype,
+            param.device,
         )
         self.tables: dict[str, list[int]] = {}
         self.lens: dict[str, int] = {}
@@ -98,9 +104,16 @@ class PagedRunner:
             ids.extend(tokens)
             positions.extend(range(start, start + len(tokens)))
         meta = AttentionMetadata.build(
-            query_lens, seq_lens, tables, self.block_size, self.num_blocks, self.attention_backend
+            query_lens,
+            seq_lens,
+            tables,
+            self.block_size,
+            self.num_blocks,
+            self.attention_backend,
+            self.device,
         )
+        as_long = lambda xs: torch.tensor(xs, device=self.device)  # noqa: E731
         with torch.inference_mode():  # NOTE: as the engine runs: the same compiled kernels
-            hidden = self.model(torch.tensor(ids), torch.tensor(positions), meta, self.caches)
+            hidden = self.model(as_long(ids), as_long(positions), meta, self.caches)
             logits = self.model.compute_logits(hidden)
         return dict(zip(batch, logits.split(query_lens), strict=True))

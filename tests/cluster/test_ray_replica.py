@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import re
 import shutil
 import signal
@@ -28,15 +27,11 @@ from moe_serve.cluster.ray_replica import create_ray_replica
 from moe_serve.cluster.replica_engine import ReplicaConfig
 from moe_serve.cluster.stats import ShardGroupStats
 from moe_serve.models.tiny import ARCHS
+from tests.cluster.scoring import generate_scored, prompts
 
 pytestmark = pytest.mark.slow
 ENGINE = EngineConfig(max_model_len=512, block_size=8)
 SHARDS = {"num_cpus": 0.5}
-
-
-def prompts(num: int = 8, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(500) for _ in range(rng.randint(1, 40))] for _ in range(num)]
 
 
 async def generate_all(front, batch, max_tokens: int = 24):
@@ -49,20 +44,6 @@ async def generate_all(front, batch, max_tokens: int = 24):
         return tokens
 
     return await asyncio.gather(*(one(p) for p in batch), return_exceptions=True)
-
-
-async def generate_scored(front, batch, max_tokens: int = 24):
-    """Greedy tokens and the sampled tokens' logprobs of each prompt."""
-
-    async def one(prompt):
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
-        tokens, logprobs = [], []
-        async for out in front.generate(prompt, params):
-            tokens.extend(out.deltas[0].token_ids)
-            logprobs.extend(lp.logprob for lp in out.deltas[0].logprobs)
-        return tokens, logprobs
-
-    return await asyncio.gather(*(one(p) for p in batch))
 
 
 def run_ray_replica(config: ReplicaConfig, scenario):
