@@ -32,12 +32,17 @@ def _serve(spec: ShardSpec, layout, index, host, port, env: Mapping[str, str], c
     conn.close()
     rank, world_size = index + 1, layout.num_shards + 1
     device = torch.device(spec.device)
+    transport = None
     try:
-        shard.serve(
-            CollectiveTransport.join(host, port, rank, world_size, device, spec.timeout_s, host)
+        transport = CollectiveTransport.join(
+            host, port, rank, world_size, device, spec.timeout_s, host
         )
+        shard.serve(transport)
     except TransportError as exc:  # NOTE: rank 0 sees the failure too, and rebuilds
         log.warning("shard %d stopped: %s", rank, exc)
+    finally:
+        if transport is not None:  # NOTE: leave the group before the process exits
+            transport.close()
 
 
 class ProcessShardLauncher(ShardLauncher):

@@ -95,9 +95,10 @@ class MixtureOfAttention(nn.Module):
         num_tokens, top_k = hidden.shape[0], cfg.num_experts_per_tok
         num_kv, dim = cfg.num_kv_heads, cfg.head_dim
         topk_ids, topk_weights = experts.gate(hidden)  # [T, K]
-        order, counts = group_by_expert(topk_ids.flatten(), cfg.num_attention_experts)
+        groups = group_by_expert(topk_ids.flatten(), cfg.num_attention_experts, hidden.dtype)
+        order = groups.order  # NOTE: every (token, k) here: the router never returns -1
         q = hidden.new_empty(num_tokens * top_k, num_kv * dim)  # [T*K, Hkv*D]
-        q[order] = grouped_linear(hidden[order // top_k], counts, experts.input_linear.weight)
+        q[order] = grouped_linear(hidden[order // top_k], groups, experts.input_linear.weight)
         k, v = self.kv_proj(hidden).chunk(2, dim=-1)
         q = apply_rotary(q.view(num_tokens, top_k * num_kv, dim), *rope)
         k = apply_rotary(k.reshape(num_tokens, num_kv, dim), *rope)
@@ -107,8 +108,8 @@ class MixtureOfAttention(nn.Module):
         out = paged_attention(q, k, v, cache, meta, cfg.scale)  # [T, Hkv*K, D]
         out = out.view(num_tokens, num_kv, top_k, dim).transpose(1, 2)  # [T, K, Hkv, D]
         out = out.reshape(num_tokens * top_k, -1)[order]  # [N, Hkv*D], grouped by expert
-        out = grouped_linear(out, counts, experts.output_linear.weight)  # [N, H]
-        return combine_by_token(out, order, topk_weights, num_tokens) + experts.bias
+        out = grouped_linear(out, groups, experts.output_linear.weight)  # [N, H]
+        return combine_by_token(out, groups, topk_weights, num_tokens) + experts.bias
 
 
 class JetMoeForCausalLM(MoeForCausalLM):

@@ -32,7 +32,10 @@ SYNCING = frozenset(
 
 
 def _is_to_host(name: str, args, kwargs) -> bool:
-    return name == "to" and any(str(a) == "cpu" for a in (*args[1:], *(kwargs or {}).values()))
+    """x.to("cpu") of a tensor that is elsewhere."""
+    if name != "to" or not isinstance(args[0], torch.Tensor) or args[0].device.type == "cpu":
+        return False
+    return any(str(a) == "cpu" for a in (*args[1:], *(kwargs or {}).values()))
 
 
 def _is_masked_index(name: str, args) -> bool:

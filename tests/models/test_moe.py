@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from moe_serve.models.config import ModelConfig
-from moe_serve.models.moe import LocalExperts, Router
+from moe_serve.models.moe import LocalExperts, Router, uses_grouped_mm
+from tests.host_syncs import HostSyncs
 
-T, E, K, H, INTER = 11, 6, 2, 16, 8
+T, E, K, H, INTER = 11, 6, 2, 16, 16
 
 
 def _config() -> ModelConfig:
@@ -96,3 +97,24 @@ def test_router_rules():
 def test_expert_ids_must_be_distinct_and_in_range(expert_ids):
     with pytest.raises(ValueError, match="distinct ids"):
         LocalExperts(_config(), expert_ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_grouping_forms_match_the_reference_and_device_offsets_never_sync(dtype, device):
+    """Host counts (float32: the per-expert loop) and device offsets (bfloat16: grouped_mm), on
+    `--device`, for a shard's subset with ids it does not own and -1s; with device offsets, no
+    host sync (`tests/host_syncs.py`), and with host counts the watch sees the count read back."""
+    hidden, weights = torch.randn(T, H), torch.rand(T, K)
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    ids[0, 1] = -1
+    experts = _experts((4, 0, 2)).to(dtype)
+    rounded = lambda x: x.to(dtype).float()  # noqa: E731
+    expected = _naive(experts.float(), rounded(hidden), ids, rounded(weights))
+    experts = experts.to(device=device, dtype=dtype)
+    inputs = hidden.to(device, dtype), ids.to(device), weights.to(device, dtype)
+    experts(*inputs)  # NOTE: the first call moves the id table to the device
+    with HostSyncs(device) as syncs:
+        out = experts(*inputs)
+    error = (out.float().cpu() - expected).abs().max() / expected.abs().max()
+    assert error < (1e-6 if dtype == torch.float32 else 2e-2)
+    assert (syncs.syncs == []) == uses_grouped_mm(dtype)
