@@ -15,7 +15,6 @@ from moe_serve.models.attention import (
     AttentionBackend,
     AttentionMetadata,
     LayerKVCache,
-    allocate_kv_cache,
 )
 from moe_serve.models.base import MoeForCausalLM
 from moe_serve.models.paged_flex import check_supported, warm_up
@@ -65,15 +64,7 @@ class ModelRunner:
         param = model.materialised
         self.model, self.block_size, self.device = model, block_size, param.device
         self.num_blocks, self.attention_backend = num_blocks, attention_backend
-        self.kv_caches: list[LayerKVCache] = allocate_kv_cache(
-            cfg.num_layers,
-            num_blocks,
-            block_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            param.dtype,
-            param.device,
-        )
+        self.kv_caches: list[LayerKVCache] = model.allocate_kv_cache(num_blocks, block_size)
         self.step_hook: Callable[[list[int]], None] | None = None
         self.overlap: OverlapPolicy | None = None
         if attention_backend == "flex":

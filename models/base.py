@@ -11,7 +11,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from moe_serve.models.attention import AttentionMetadata, LayerKVCache, paged_attention
+from moe_serve.models.attention import (
+    AttentionMetadata,
+    LayerKVCache,
+    allocate_kv_cache,
+    paged_attention,
+)
 from moe_serve.models.config import ModelConfig
 from moe_serve.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, linear
 from moe_serve.models.moe import MoeBlock
@@ -179,6 +184,19 @@ class MoeForCausalLM(nn.Module):
         """A parameter that holds data (a shard-less attention model leaves experts on meta):
         its dtype and device are the model's."""
         return next(p for p in self.parameters() if not p.is_meta)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[LayerKVCache]:
+        """A zeroed paged KV cache for every layer, in the model's dtype, on its device."""
+        cfg, param = self.config, self.materialised
+        return allocate_kv_cache(
+            cfg.num_layers,
+            num_blocks,
+            block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            param.dtype,
+            param.device,
+        )
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, V]."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from moe_serve.models.attention import AttentionBackend, AttentionMetadata, allocate_kv_cache
+from moe_serve.models.attention import AttentionBackend, AttentionMetadata
 from moe_serve.models.base import MoeForCausalLM
 
 HF_CLASSES = {
@@ -68,19 +68,9 @@ class PagedRunner:
         block_size: int = 4,
         attention_backend: AttentionBackend = "flex",
     ):
-        cfg = model.config
-        param = next(model.parameters())
         self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
-        self.attention_backend, self.device = attention_backend, param.device
-        self.caches = allocate_kv_cache(
-            cfg.num_layers,
-            num_blocks,
-            block_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            param.dtype,
-            param.device,
-        )
+        self.attention_backend, self.device = attention_backend, model.materialised.device
+        self.caches = model.allocate_kv_cache(num_blocks, block_size)
         self.tables: dict[str, list[int]] = {}
         self.lens: dict[str, int] = {}
         self.next_block = 0
