@@ -42,8 +42,10 @@ def shard_env(device, monkeypatch):
 
 
 def run_replica(config: ReplicaConfig, env, scenario):
-    """A replica in this process, its shards (if any) in processes: `scenario(front, engine)`."""
-    front, engine = create_local_replica(config, ProcessShardLauncher(env))
+    """A replica in this process, its shards (if any) in processes with `env` (`rank_env`):
+    `scenario(front, engine)`."""
+    launcher = ProcessShardLauncher(env) if config.expert_parallel_size > 1 else None
+    front, engine = create_local_replica(config, launcher)
 
     async def main():
         try:
