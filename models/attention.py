@@ -18,7 +18,7 @@ from moe_serve.models.paged_flex import (
     FlexGroup,
     flex_paged_attention,
     padded_queries,
-    real_rows_of,
+    real_queries,
     slot_positions,
 )
 from moe_serve.models.paged_sdpa import SdpaPlan, sdpa_paged_attention
@@ -153,8 +153,7 @@ class FreshPrefills:
         query_starts = as_long([starts[b] for b in ids])
         longest = max(query_lens[b] for b in ids)  # NOTE: from the host's list: no sync
         token_ids, is_real = padded_queries(query_starts, first, lens, longest)
-        real_rows = real_rows_of(is_real)
-        return cls(token_ids, real_rows, token_ids.flatten()[real_rows])
+        return cls(token_ids, *real_queries(token_ids, is_real))
 
     def attend(self, query, key, value, scale: float) -> torch.Tensor:
         """query [T, Hq, D], new key/value [T, Hkv, D] -> [Gr, Hq, D]."""

@@ -71,8 +71,9 @@ def check_supported(device: torch.device, head_dim: int, block_size: int) -> Non
 
 
 def kernel_options(device: torch.device, block_size: int) -> dict[str, int] | None:
-    """On CUDA, Triton tiles that divide the step's sparse blocks: queries Q_BLOCK, keys one
-    cache block (the default tiles, 64 and more, would not divide a block of 16 or 32)."""
+    """On CUDA, Triton tiles that divide the block mask's blocks: Q_BLOCK query rows, and the
+    largest of 64/32/16 keys dividing the cache block (flex's default KV tile, 64 and more,
+    would not divide a block of 16 or 32)."""
     if device.type != "cuda":
         return None
     tile_n = next(n for n in (64, 32, MIN_CUDA_TILE) if block_size % n == 0)
@@ -108,6 +109,7 @@ class FlexGroup:
     real_rows: torch.Tensor  # [Gr] long: each real query's row of [G * Lq] (not padding)
     real_token_ids: torch.Tensor  # [Gr] long: flat-batch index of each real query, in order
     block_mask: BlockMask
+    kernel_options: dict[str, int] | None  # Triton tiles on CUDA (`kernel_options`)
 
     @classmethod
     def build(
@@ -155,14 +157,16 @@ class FlexGroup:
             seq_lengths=(num_queries, num_blocks * block_size),
             compute_q_blocks=False,
         )
-        real_rows = real_rows_of(is_real)
-        return cls(token_ids, real_rows, token_ids.flatten()[real_rows], block_mask)
+        options = kernel_options(device, block_size)
+        return cls(token_ids, *real_queries(token_ids, is_real), block_mask, options)
 
 
-def real_rows_of(is_real: torch.Tensor) -> torch.Tensor:
-    """[G, L] bool -> [Gr] long rows of the flattened [G * L] that are real. NOTE: a host sync
-    (the count sizes the output): once per step, when the step's metadata is built."""
-    return is_real.flatten().nonzero().squeeze(1)
+def real_queries(token_ids: torch.Tensor, is_real: torch.Tensor):
+    """Padded queries [G, L] and which are real -> the real ones' rows of the flattened [G * L]
+    and their flat-batch indices, [Gr] long each. NOTE: a host sync (the count sizes them):
+    once per step, when the step's metadata is built."""
+    real_rows = is_real.flatten().nonzero().squeeze(1)
+    return real_rows, token_ids.flatten()[real_rows]
 
 
 def padded_queries(query_starts, starts, ends, num_queries: int):
@@ -230,7 +234,7 @@ def flex_paged_attention(
         block_mask=group.block_mask,
         scale=1.0,
         enable_gqa=query.shape[1] != num_kv_heads,
-        kernel_options=kernel_options(query.device, group.block_mask.BLOCK_SIZE[1]),
+        kernel_options=group.kernel_options,
     )
     # NOTE: rows by index, not by boolean mask: no host sync in the per-layer loop
     return out.transpose(1, 2).flatten(0, 1)[group.real_rows]
