@@ -4,20 +4,14 @@ its expert shards (if any) as threads joined by gloo over loopback (tests, tools
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-
-import torch
 
 from moe_serve.cluster.async_engine import AsyncEngine
 from moe_serve.cluster.replica_engine import ReplicaConfig, ReplicaEngine, StepInput, StepOutput
 from moe_serve.cluster.shard import ExpertShard
-from moe_serve.cluster.shard_group import ShardLauncher, ShardSpec
+from moe_serve.cluster.shard_group import ShardLauncher, serve_shard
 from moe_serve.cluster.stats import ReplicaStats
-from moe_serve.cluster.transport import CollectiveTransport, TransportError
-
-log = logging.getLogger(__name__)
 
 
 class ThreadShardLauncher(ShardLauncher):
@@ -35,25 +29,13 @@ class ThreadShardLauncher(ShardLauncher):
         world_size = len(self.shards) + 1
         for rank, shard in enumerate(self.shards, start=1):
             thread = threading.Thread(
-                target=self._serve,
+                target=serve_shard,
                 daemon=True,
                 name=f"shard-{rank}",
                 args=(shard, spec, host, port, rank, world_size),
             )
             thread.start()
             self.threads.append(thread)
-
-    def _serve(
-        self, shard: ExpertShard, spec: ShardSpec, host: str, port: int, rank: int, world_size: int
-    ) -> None:
-        try:
-            shard.serve(
-                CollectiveTransport.join(
-                    host, port, rank, world_size, torch.device(spec.device), spec.timeout_s, host
-                )
-            )
-        except TransportError as exc:  # NOTE: rank 0 sees the failure too, and rebuilds
-            log.warning("shard %d stopped: %s", rank, exc)
 
     def stop(self):
         for thread in self.threads:

@@ -9,12 +9,9 @@ import multiprocessing
 import os
 from collections.abc import Callable, Mapping
 
-import torch
-
 from moe_serve.cluster.placement import ExpertLayout
 from moe_serve.cluster.shard import ExpertShard
-from moe_serve.cluster.shard_group import ShardLauncher, ShardSpec
-from moe_serve.cluster.transport import CollectiveTransport, TransportError
+from moe_serve.cluster.shard_group import ShardLauncher, ShardSpec, serve_shard
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +27,7 @@ def _serve(spec: ShardSpec, layout, index, host, port, env: Mapping[str, str], c
         return
     conn.send(("loaded", shard.parameter_summary()))
     conn.close()
-    rank, world_size = index + 1, layout.num_shards + 1
-    device = torch.device(spec.device)
-    transport = None
-    try:
-        transport = CollectiveTransport.join(
-            host, port, rank, world_size, device, spec.timeout_s, host
-        )
-        shard.serve(transport)
-    except TransportError as exc:  # NOTE: rank 0 sees the failure too, and rebuilds
-        log.warning("shard %d stopped: %s", rank, exc)
-    finally:
-        if transport is not None:  # NOTE: leave the group before the process exits
-            transport.close()
+    serve_shard(shard, spec, host, port, index + 1, layout.num_shards + 1)
 
 
 class ProcessShardLauncher(ShardLauncher):

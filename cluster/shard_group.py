@@ -18,8 +18,14 @@ import torch
 
 from moe_serve.cluster.expert_parallel import Dispatcher, ShardFailure
 from moe_serve.cluster.placement import ExpertLayout
+from moe_serve.cluster.shard import ExpertShard
 from moe_serve.cluster.stats import ShardGroupStats
-from moe_serve.cluster.transport import CollectiveTransport, Rendezvous, local_ip
+from moe_serve.cluster.transport import (
+    CollectiveTransport,
+    Rendezvous,
+    TransportError,
+    local_ip,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,25 @@ class ShardLauncher(ABC):
     @abstractmethod
     def parameter_summaries(self) -> list[dict[str, tuple[int, ...]]]:
         """Each shard's materialised parameters and their shapes, as loaded at start."""
+
+
+def serve_shard(
+    shard: ExpertShard, spec: ShardSpec, host: str, port: int, rank: int, world_size: int
+) -> None:
+    """A launcher's shard (a thread or a process of its own): join rank 0's group at host:port
+    and serve until STOP, or until the group fails (logged: rank 0 sees the failure too, and
+    rebuilds); leave the group either way."""
+    transport = None
+    try:
+        transport = CollectiveTransport.join(
+            host, port, rank, world_size, shard.device, spec.timeout_s, host
+        )
+        shard.serve(transport)
+    except TransportError as exc:
+        log.warning("shard %d stopped: %s", rank, exc)
+    finally:
+        if transport is not None:
+            transport.close()
 
 
 @dataclass(frozen=True)
