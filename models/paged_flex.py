@@ -20,16 +20,30 @@ at or before the tile's first query as full blocks (no mask evaluated), the othe
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 Q_BLOCK = 32  # NOTE: measured on CPU for 512-token prefills: 32 beats 64 and 128 (8.0/8.8/10.9 ms)
 NOT_FILLED = torch.iinfo(torch.int32).max
 
-_compiled_flex = torch.compile(flex_attention, dynamic=True)
+
+# NOTE: imported when first used, not with this module: flex_attention brings in dynamo and
+# inductor (~1 s of CPU), which the processes that never attend (expert shards, the Serve
+# fronts) would otherwise pay at every start
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
 # NOTE: dynamo compiles variants per dtype, head layout and block size (a set per model); a
 # server hosting several models needs more than the default 8, and hitting the limit must fail
 # loudly: past it dynamo silently runs a path that ignores the block mask's sparsity (wrong
@@ -150,6 +164,8 @@ class FlexGroup:
             first = torch.maximum(tile, starts[:, None])
             last = torch.minimum(tile + Q_BLOCK, ends[:, None]) - 1
             mask_mod = _causal(positions)
+        from torch.nn.attention.flex_attention import BlockMask
+
         block_mask = BlockMask.from_kv_blocks(
             *_block_lists(tables, first, last, num_blocks, block_size),
             BLOCK_SIZE=(Q_BLOCK, block_size),
@@ -227,7 +243,7 @@ def flex_paged_attention(
     as_sequence = lambda pool: pool.view(-1, num_kv_heads, head_dim).transpose(0, 1)[None]  # noqa: E731
     # NOTE: the query is scaled here rather than by flex: a scale argument is a constant of the
     # compiled kernel, and each distinct one would compile variants of its own
-    out = _compiled_flex(
+    out = _compiled_flex()(
         query[group.token_ids].transpose(1, 2) * scale,  # [G, Hq, Lq, D]
         as_sequence(key_pool),
         as_sequence(value_pool),
