@@ -23,6 +23,7 @@ from ray.serve.config import gRPCOptions
 
 from moe_serve.deploy.app import APP_NAME, GRPC_SERVICERS, build_app, serve_logging
 from moe_serve.deploy.config import API_KEY_ENV, ServeConfig
+from moe_serve.deploy.ingress import HA_PROXY_ENV, set_private_instance_env
 from moe_serve.deploy.priority import WORKER_NICENESS, WORKER_NICENESS_ENV
 
 GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # read by Serve's proxies at start
@@ -51,6 +52,7 @@ def init_ray(config: ServeConfig, address: str | None, log_level: str) -> None:
     else:
         os.environ[GRPC_MAX_MESSAGE_ENV] = str(config.grpc.max_message_bytes)
         os.environ.setdefault(WORKER_NICENESS_ENV, WORKER_NICENESS)  # deploy/priority.py
+        set_private_instance_env()  # deploy/ingress.py
         if config.api_key is not None:
             os.environ[API_KEY_ENV] = config.api_key
         # NOTE: "local": our own instance even where `ray start` left a cluster file behind
@@ -90,11 +92,16 @@ def _join_failure(address: str, error: ConnectionError) -> str:
     return f"could not join the Ray cluster at {address}" + (f": {cause}" if cause else "")
 
 
+def _grpc_host(config: ServeConfig) -> str:
+    # NOTE: HAProxy (deploy/ingress.py) listens for gRPC where HTTP listens; Serve's own gRPC
+    # proxy, on every interface
+    return config.http.host if os.environ.get(HA_PROXY_ENV) == "1" else "0.0.0.0"
+
+
 def describe(config: ServeConfig, requires_api_key: bool) -> str:
     lines = [
         f"HTTP (OpenAI API)  http://{config.http.host}:{config.http.port}/v1",
-        f"gRPC               0.0.0.0:{config.grpc.port} (moeserving.v1.MoEServing; Serve's gRPC"
-        " proxy listens on every interface)",
+        f"gRPC               {_grpc_host(config)}:{config.grpc.port} (moeserving.v1.MoEServing)",
         "API key            "
         + ("required" if requires_api_key else f"none (set api_key or ${API_KEY_ENV})"),
         "models:",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -43,13 +44,17 @@ GATEWAY_API_KEY = "test-key-0123456789"
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray instance for the whole session (logical CPUs: shards ask for fractions)."""
+    """One local Ray instance for the whole session (logical CPUs: shards ask for fractions),
+    with Serve's ingress set up as `moe-serve run` sets up its own (deploy/ingress.py)."""
     import ray
 
     from moe_serve.deploy.config import API_KEY_ENV
+    from moe_serve.deploy.ingress import instance_dir, private_instance_env
 
-    saved = os.environ.get(API_KEY_ENV)
-    os.environ[API_KEY_ENV] = GATEWAY_API_KEY
+    files = instance_dir()
+    env = {API_KEY_ENV: GATEWAY_API_KEY} | private_instance_env(files)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     try:
         ray.init(
             address="local",
@@ -58,13 +63,15 @@ def ray_cluster():
             logging_level="warning",
             configure_logging=False,
         )
-    finally:  # NOTE: only Ray's processes keep it (`moe-serve run` subprocesses must not)
-        if saved is None:
-            del os.environ[API_KEY_ENV]
-        else:
-            os.environ[API_KEY_ENV] = saved
+    finally:  # NOTE: only Ray's processes keep them (`moe-serve run` subprocesses must not)
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
     yield ray
     ray.shutdown()
+    shutil.rmtree(files, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from moe_serve.deploy.config import API_KEY_ENV, parse_serve_config
+from moe_serve.deploy.ingress import CLUSTER_ENV
 from moe_serve.deploy.limits import LimitsConfig
 from moe_serve.deploy.priority import WORKER_NICENESS, WORKER_NICENESS_ENV
 from tests.helm.conftest import VALUE_SETS
@@ -134,6 +135,12 @@ def test_ray_workers_start_at_the_niceness_moe_serve_run_gives_them(helm):
     for group, container in ray_containers(render()).items():
         # NOTE: deploy/priority.py: the engine actors must not start below Ray's own processes
         assert env_of(container)[WORKER_NICENESS_ENV]["value"] == WORKER_NICENESS, group
+
+
+def test_ray_pods_run_serve_with_the_ingress_moe_serve_run_gives_it(helm):
+    for group, container in ray_containers(render()).items():
+        env = env_of(container)
+        assert {key: env[key]["value"] for key in CLUSTER_ENV} == CLUSTER_ENV, group
 
 
 def test_limits_metrics_and_grpc_message_size_follow_values(helm):

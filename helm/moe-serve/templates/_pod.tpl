@@ -68,6 +68,17 @@ env:
     value: {{ $values.serve.grpcMaxMessageBytes | int64 | toString | quote }}
   - name: RAY_worker_niceness  # Ray's default 15 puts the engine actors below Ray's own processes
     value: "0"
+  # Serve's HAProxy ingress and high-throughput mode, as `moe-serve run` (deploy/ingress.py)
+  - name: RAY_SERVE_ENABLE_HA_PROXY
+    value: "1"
+  - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+    value: "1"
+  - name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP  # handles usable outside an event loop
+    value: "1"
+  - name: RAY_SERVE_LOG_TO_STDERR  # replicas' output and Serve's warnings as they happen
+    value: "1"
+  - name: RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE
+    value: "1"
   {{- with $values.huggingface.existingSecret }}
   - name: HF_TOKEN
     valueFrom:
