@@ -173,8 +173,8 @@ def _targets(engine_speedup: float, ep2: dict, step_runs: list[list[dict]]) -> s
 ONE_THREAD_NOTE = (
     "The last row runs the engine on one torch thread while transformers keeps both: that is "
     "the share of this 2-core machine the served engine actor gets (the other core runs "
-    "Serve's HTTP proxy, the gateway, the replica front and Ray), so it bounds the served "
-    "ratio below."
+    "Serve's ingress (HAProxy), the gateway, the replica front and Ray), so it bounds the "
+    "served ratio below."
 )
 
 STEP_NOTE = (
