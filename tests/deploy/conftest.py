@@ -5,12 +5,12 @@ an autoscaled model, a deliberately tight one and one that idles at zero replica
 from __future__ import annotations
 
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from moe_serve.deploy.ingress import free_port
 from tests.conftest import GATEWAY_API_KEY as API_KEY
 
 
@@ -26,12 +26,6 @@ class Server:
 
 
 WATCH_S = 10.0  # NOTE: a gRPC health Watch stream's lifetime (limits.max_health_watch_s)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def app_config(tiny_dirs, http_port: int, grpc_port: int, ondemand: Path) -> dict:
