@@ -23,8 +23,14 @@ from moe_serve.models.tokenizer import TextTokenizer
 SSE_DONE = "data: [DONE]\n\n"
 
 
+# NOTE: JSON leaves U+0085, U+2028 and U+2029 raw, and line readers that follow str.splitlines
+# (httpx's iter_lines among them) end a line there, cutting an event in two. Escaped, the event
+# decodes to the same text; every other character below U+0020 JSON escapes itself.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 @dataclass(frozen=True)
