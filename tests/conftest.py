@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
@@ -53,9 +52,10 @@ def ray_cluster():
 
     files = instance_dir()
     env = {API_KEY_ENV: GATEWAY_API_KEY} | private_instance_env(files)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
+    # NOTE: only Ray's processes keep it (`moe-serve run` subprocesses must not)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
         ray.init(
             address="local",
             num_cpus=16,
@@ -63,12 +63,6 @@ def ray_cluster():
             logging_level="warning",
             configure_logging=False,
         )
-    finally:  # NOTE: only Ray's processes keep them (`moe-serve run` subprocesses must not)
-        for key, value in saved.items():
-            if value is None:
-                del os.environ[key]
-            else:
-                os.environ[key] = value
     yield ray
     ray.shutdown()
     shutil.rmtree(files, ignore_errors=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
-from httpx._decoders import LineDecoder
 
 from moe_serve.deploy.openai_format import sse
 
@@ -17,7 +17,8 @@ LINE_ENDS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 def test_an_event_whose_text_holds_a_line_end_is_still_one_line(char):
     text = f"a{char}b\\{char}é"
     event = sse({"choices": [{"text": text}]})
-    for lines in (event.splitlines(), LineDecoder().decode(event)):
+    as_read_by_httpx = list(httpx.Response(200, content=event.encode()).iter_lines())
+    for lines in (event.splitlines(), as_read_by_httpx):
         assert lines[0].startswith("data: {") and lines[1:] == [""], lines
         assert json.loads(lines[0][6:]) == {"choices": [{"text": text}]}
     assert "é" in event  # non-ASCII text is sent as UTF-8, not escaped
